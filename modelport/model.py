@@ -1,0 +1,103 @@
+"""A loaded model: a bundle, its runtime session and its image pipeline, validated together."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from modelport import imaging
+from modelport.bundle import Bundle, load_bundle
+from modelport.errors import BundleError
+from modelport.predictions import Prediction, softmax, top_k
+from modelport.runtime import TensorSpec, runtime_class
+
+
+class Model:
+    """Thread-safe for concurrent ``decode``; ``predict`` calls are serialised by the caller."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.name = bundle.name
+        self.version = bundle.version
+        self.labels = bundle.labels
+        self.spec = bundle.input
+        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads)
+        self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
+        self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
+        self._check_signature()
+        self._lock = threading.Lock()
+        self.warm_up()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, name: str | None = None, threads: int | None = None) -> "Model":
+        return cls(load_bundle(Path(path), name=name), threads=threads)
+
+    @property
+    def platform(self) -> str:
+        return self.runtime.platform
+
+    def decode(self, data: bytes, *, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+               input_name: str | None = None) -> np.ndarray:
+        """Encoded image -> (H, W, 3) uint8. Safe to call from many threads at once."""
+        return imaging.decode(data, self.spec, max_pixels=max_pixels, input_name=input_name)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 crops -> (N, classes) probabilities."""
+        feeds = {self.input.name: imaging.to_model_input(images, self.spec)}
+        return self.probabilities(self.run(feeds)[self.output.name])
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Raw tensors in, raw tensors out, one batch at a time."""
+        with self._lock:
+            return self.runtime.run(feeds, output_names)
+
+    def probabilities(self, output: np.ndarray) -> np.ndarray:
+        return softmax(output) if self.bundle.output.kind == "logits" else output
+
+    def classify(self, images: list[bytes], k: int | None = None) -> list[list[Prediction]]:
+        batch = np.stack([self.decode(data) for data in images])
+        return self.top_k(self.predict(batch), k)
+
+    def top_k(self, probabilities: np.ndarray, k: int | None = None) -> list[list[Prediction]]:
+        return top_k(probabilities, self.labels, k or self.bundle.serving.top_k)
+
+    def warm_up(self) -> None:
+        # The first run allocates ORT's arena and picks kernels; pay for it at load, not on a request.
+        shape = (1, self.spec.height, self.spec.width, 3)
+        self.predict(np.zeros(shape, dtype=np.uint8))
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def _pick(self, specs: list[TensorSpec], name: str | None, what: str) -> TensorSpec:
+        if name is None:
+            return specs[0]
+        for spec in specs:
+            if spec.name == name:
+                return spec
+        raise BundleError(f"{self.bundle.path / 'modelport.toml'}: {what}.name = {name!r} is not a graph {what}; "
+                          f"the graph has {', '.join(s.name for s in specs)}")
+
+    def _check_signature(self) -> None:
+        where = self.bundle.model_file
+        spec = self.spec
+        expected_dtype = {"uint8": "UINT8", "float32": "FP32"}[spec.dtype]
+        if self.input.datatype != expected_dtype:
+            raise BundleError(f"{where}: input {self.input.name!r} is {self.input.datatype}, but modelport.toml says "
+                              f"input.dtype = {spec.dtype!r}")
+        if spec.layout == "NHWC":
+            expected_shape = (spec.height, spec.width, 3)
+        else:
+            expected_shape = (3, spec.height, spec.width)
+        actual = self.input.shape[1:]
+        if len(actual) != 3 or any(a not in (-1, e) for a, e in zip(actual, expected_shape)):
+            raise BundleError(f"{where}: input {self.input.name!r} has shape {list(self.input.shape)}, but "
+                              f"modelport.toml describes [-1, {', '.join(map(str, expected_shape))}] ({spec.layout})")
+        width = self.output.shape[-1] if self.output.shape else -1
+        if width != -1 and width != len(self.labels):
+            raise BundleError(f"{self.bundle.path / 'labels.txt'}: {len(self.labels)} labels, but output "
+                              f"{self.output.name!r} has {width} classes")
+

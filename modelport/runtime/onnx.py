@@ -1,0 +1,49 @@
+"""ONNX Runtime session: created once per loaded model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from modelport.errors import BundleError
+from modelport.runtime import TensorSpec
+
+_ORT_TO_V2 = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+class OnnxRuntime:
+    platform = "onnx_onnxv1"
+
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        # Spinning workers burn the cores that image decoding needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for every kind of bad file
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {exc}") from None
+        self.inputs = [_spec(i) for i in self._session.get_inputs()]
+        self.outputs = [_spec(o) for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = output_names or [o.name for o in self.outputs]
+        return dict(zip(names, self._session.run(names, feeds)))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _spec(node) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+    return TensorSpec(node.name, _ORT_TO_V2.get(node.type, node.type), shape)

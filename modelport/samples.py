@@ -1,0 +1,81 @@
+"""Real photos with known content, from images that scikit-image and scikit-learn ship.
+
+Used by the tests, the benchmarks and ``modelport samples``: ``chelsea`` is a cat (ImageNet
+281-285) and ``coffee`` an espresso (967). ``photo_set`` cuts a deterministic set of JPEGs of
+200-640 px from every colour and grey photo the two packages carry, for pipeline comparisons.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from modelport.errors import MissingExtra
+
+KNOWN = {"chelsea": (281, 282, 283, 284, 285), "coffee": (967,)}
+_SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
+                   "retina", "camera", "brick", "clock", "coins", "grass", "gravel", "moon", "page", "text")
+
+
+def photo(name: str) -> np.ndarray:
+    try:
+        from skimage import data
+    except ImportError:
+        raise MissingExtra("sample photos need scikit-image: pip install 'modelport[test]'") from None
+    array = getattr(data, name)()
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3]).astype(np.uint8)
+
+
+def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def sources() -> list[np.ndarray]:
+    arrays = [photo(name) for name in _SKIMAGE_PHOTOS]
+    try:
+        from sklearn.datasets import load_sample_images
+
+        arrays.extend(load_sample_images().images)
+    except ImportError:
+        pass
+    return arrays
+
+
+def photo_set(count: int, *, seed: int = 0, min_side: int = 200, max_side: int = 640) -> list[bytes]:
+    """``count`` JPEGs: random crops of real photos, rescaled so the longer side is 200-640 px."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = sources()
+    out = []
+    for i in range(count):
+        array = arrays[i % len(arrays)]
+        h, w = array.shape[:2]
+        frac = rng.uniform(0.6, 1.0)
+        ch, cw = max(32, int(h * frac)), max(32, int(w * rng.uniform(0.6, 1.0)))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(array[top:top + ch, left:left + cw])
+        longer = int(rng.integers(min_side, max_side + 1))
+        scale = longer / max(crop.size)
+        size = (max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale)))
+        crop = crop.resize(size, Image.BICUBIC)
+        out.append(jpeg(np.asarray(crop), quality=int(rng.integers(75, 96))))
+    return out
+
+
+def write_samples(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, filename in (("chelsea", "cat.jpg"), ("coffee", "espresso.jpg")):
+        path = directory / filename
+        path.write_bytes(jpeg(photo(name)))
+        paths.append(path)
+    return paths
