@@ -1,0 +1,99 @@
+"""Shared fixtures: the real default model (built once per run) and tiny real ONNX bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelport import samples
+from modelport.bundle import write_config
+
+
+@pytest.fixture(scope="session")
+def model_home(tmp_path_factory) -> Path:
+    """A MODELPORT_HOME shared by the whole run, also by the subprocesses the tests start."""
+    home = Path(os.environ.get("MODELPORT_TEST_HOME") or tmp_path_factory.mktemp("home"))
+    os.environ["MODELPORT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_bundle(model_home) -> Path:
+    from modelport import default_model
+
+    return default_model.ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_bundle):
+    from modelport.model import Model
+
+    return Model.load(default_bundle)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("images")
+    cat, espresso = samples.write_samples(directory)
+    return {"cat": cat, "espresso": espresso}
+
+
+def tiny_onnx(path: Path, *, classes: int = 4, size: int = 8, dtype: str = "float32", layout: str = "NCHW",
+              seed: int = 0) -> np.ndarray:
+    """A real ONNX graph: mean pixel per channel, times a (3, classes) matrix -> logits.
+
+    Returns the matrix so a test can compute the expected answer itself.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(seed).normal(size=(3, classes)).astype(np.float32)
+    elem = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8}[dtype]
+    shape = ["N", 3, size, size] if layout == "NCHW" else ["N", size, size, 3]
+    axes = [2, 3] if layout == "NCHW" else [1, 2]
+    nodes = []
+    x = "image"
+    if dtype != "float32":
+        nodes.append(helper.make_node("Cast", [x], ["image_f"], to=TensorProto.FLOAT))
+        x = "image_f"
+    nodes += [
+        helper.make_node("ReduceMean", [x, "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "weights"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("image", elem, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(weights, "weights"),
+                     numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return weights
+
+
+def make_tiny_bundle(directory: Path, *, classes: int = 4, size: int = 8, dtype: str = "float32",
+                     layout: str = "NCHW", labels: list[str] | None = None, **overrides) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_onnx(directory / "model.onnx", classes=classes, size=size, dtype=dtype, layout=layout)
+    labels = labels if labels is not None else [f"class{i}" for i in range(classes)]
+    (directory / "labels.txt").write_text("\n".join(labels) + "\n")
+    config = {
+        "format": 1, "runtime": "onnx", "model_file": "model.onnx",
+        "input": {"height": size, "width": size, "resize_shorter": 0, "layout": layout, "dtype": dtype,
+                  "mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5]},
+        "output": {"name": "logits", "kind": "logits"},
+        "serving": {"top_k": 3},
+    }
+    for key, value in overrides.items():
+        table, _, field = key.partition("__")
+        if field:
+            config[table][field] = value
+        else:
+            config[table] = value
+    write_config(directory, config)
+    return directory
