@@ -91,7 +91,9 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     model_file = path / reader.get("model_file", str, "model.onnx")
     labels_file = path / reader.get("labels_file", str, "labels.txt")
     version = reader.get("version", int, _version_from_dir(path))
-    bundle_name = name or reader.get("name", str, _name_from_dir(path))
+    bundle_name = reader.get("name", str, _name_from_dir(path))
+    if name is not None:  # a repository names its models by directory
+        bundle_name = name
     image_input = _section(reader, "input", ImageInput)
     output = _section(reader, "output", Output)
     serving = _section(reader, "serving", Serving)

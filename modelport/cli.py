@@ -105,5 +105,47 @@ def build_default() -> None:
     click.echo(default_model.default_model_dir())
 
 
+@main.command()
+@click.argument("source", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines.")
+@click.option("--port", "-p", type=int, default=12480, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help="Override every bundle's [serving] max_batch_size.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=None, help="Longest a request waits for batch companions.")
+@click.option("--max-queue-size", type=click.IntRange(min=1), default=None, help="Requests waiting per model before 503.")
+@click.option("--timeout-ms", type=click.FloatRange(min=1), default=30_000, show_default=True,
+              help="Default request deadline; the X-Request-Timeout-Ms header may lower it.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16, show_default=True, help="Request body limit (413 above).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Largest image accepted, in pixels (default 40 MP).")
+@click.option("--exit-timeout-s", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="On SIGTERM, longest wait for in-flight requests.")
+@click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(source: str | None, host: str, port: int, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
+          max_body_mb, max_pixels, exit_timeout_s, runtime_threads, log_level) -> None:
+    """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
+
+    Without SOURCE, serves the default model (efficientnet-lite0) on 127.0.0.1:12480.
+    """
+    from modelport import default_model, repository
+    from modelport.server.config import BatchingOverrides, ServerConfig
+    from modelport.server.run import serve as run_server
+
+    if source is None:
+        def bundles():
+            return {default_model.NAME: default_model.ensure_default_model()}
+    else:
+        found = repository.scan(Path(source))  # a bad path fails here, before the port is taken
+
+        def bundles():
+            return found
+    config = ServerConfig(
+        host=host, port=port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
+        exit_timeout_s=exit_timeout_s, runtime_threads=runtime_threads, log_level=log_level,
+        batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size),
+        **({"max_pixels": max_pixels} if max_pixels else {}),
+    )
+    run_server(bundles, config)
+
+
 if __name__ == "__main__":
     main()

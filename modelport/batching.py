@@ -1,0 +1,183 @@
+"""Dynamic batching: one plain asyncio object per loaded model.
+
+Requests wait in a bounded queue; one worker task takes a batch and runs it while the next one
+queues. A batch starts as soon as the runtime is free, unless companions are already on their way
+(requests still decoding, announced with ``expect()``) and waiting for them stays under
+``max_delay_ms`` and the batch is not full. So at low load nothing waits, and under load batches
+form on their own while the previous one runs.
+
+Invariants (everything here runs on one event loop, so no locks):
+- every submitted item gets exactly one answer: its result, or an exception;
+- a failed batch sets the same exception on each of its futures;
+- items whose client went away (future cancelled) are dropped before compute;
+- items past their deadline get ``DeadlineExceeded`` before compute;
+- the run function returns one result per item, checked.
+No metrics, logging or I/O in here: ``on_batch`` is the hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+from modelport.errors import DeadlineExceeded, Overloaded, Unavailable
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    item: T
+    rows: int
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    size: int  # items
+    rows: int
+    queue_s: list[float]  # per item
+    run_s: float
+
+
+class Batcher(Generic[T, R]):
+    def __init__(self, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_batch_size: int,
+                 max_delay_ms: float, max_queue_size: int,
+                 on_batch: Callable[[BatchInfo], None] | None = None) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._queue: deque[_Entry[T]] = deque()
+        self._expected = 0  # admitted requests still preparing their input (decoding)
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self.busy = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    def admit(self) -> "_Admission":
+        """Reserve a queue place before the (costly) input preparation; refuse at once when full.
+
+        Use as ``with batcher.admit(): item = await decode(...)`` then ``await batcher.submit(item)``
+        with no await in between: while the block runs, the worker knows a companion is coming.
+        """
+        if self._closing:
+            raise Unavailable("model is unloading", retry_after_s=1)
+        if len(self._queue) + self._expected >= self.max_queue_size:
+            raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
+        return _Admission(self)
+
+    async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None) -> R:
+        if self._closing:
+            raise Unavailable("model is unloading", retry_after_s=1)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Entry(item, rows, future, deadline))
+        self._wakeup.set()
+        # If the caller is cancelled (client gone), the future is cancelled too and the worker
+        # skips it: a request nobody waits for is never computed.
+        return await future
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop. New submissions are refused from now on."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _work(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closing and not self._expected:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._gather()
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _gather(self) -> None:
+        """Wait for announced companions while the batch is short and the oldest can afford it."""
+        if self.max_delay_s <= 0:
+            return
+        give_up = self._queue[0].enqueued + self.max_delay_s
+        while self._expected and self._rows() < self.max_batch_size and not self._closing:
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Entry[T]]:
+        batch: list[_Entry[T]] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue:
+            entry = self._queue[0]
+            if batch and rows + entry.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            if entry.future.done():  # cancelled: the client went away
+                continue
+            if entry.deadline is not None and now > entry.deadline:
+                entry.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
+                continue
+            batch.append(entry)
+            rows += entry.rows
+        return batch
+
+    async def _execute(self, batch: list[_Entry[T]]) -> None:
+        start = time.monotonic()
+        self.busy = True
+        try:
+            results = await self._run([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} produced {len(results)} results")
+        except Exception as exc:  # every request in a failed batch gets the error
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            results = None
+        finally:
+            self.busy = False
+        end = time.monotonic()
+        if results is not None:
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        if self._on_batch is not None:
+            self._on_batch(BatchInfo(len(batch), sum(e.rows for e in batch), [start - e.enqueued for e in batch],
+                                     end - start))
+
+    def _rows(self) -> int:
+        return sum(e.rows for e in self._queue)
+
+
+class _Admission:
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    def __enter__(self) -> "_Admission":
+        self._batcher._expected += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._batcher._expected -= 1
+        self._batcher._wakeup.set()

@@ -1,0 +1,35 @@
+"""Server settings: one object, units in the names."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from modelport.imaging import DEFAULT_MAX_PIXELS
+
+DEFAULT_PORT = 12480  # the article's port
+
+
+@dataclass(frozen=True)
+class BatchingOverrides:
+    """Command-line overrides of every bundle's [serving] section; None keeps the bundle's."""
+
+    max_batch_size: int | None = None
+    max_delay_ms: float | None = None
+    max_queue_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_json_depth: int = 32
+    max_inputs: int = 16  # tensors in one V2 request
+    timeout_ms: float = 30_000  # server default deadline; a request header may only lower it
+    exit_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
+    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    runtime_threads: int | None = None  # None: one per core
+    batching: BatchingOverrides = BatchingOverrides()
+    log_level: str = "info"

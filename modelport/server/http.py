@@ -1,0 +1,76 @@
+"""What every HTTP endpoint shares: JSON bodies, deadlines, errors and the model headers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from modelport.errors import BadInput, ModelportError
+from modelport.server.config import ServerConfig
+from modelport.service import ModelService, Timing
+
+logger = logging.getLogger("modelport.server")
+
+DEADLINE_HEADER = "x-request-timeout-ms"  # may only lower the server's default deadline
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def error_response(exc: ModelportError) -> Response:
+    return json_response(exc.body(), exc.status, exc.headers())
+
+
+def internal_error(request: Request, exc: BaseException) -> Response:
+    """A bug: the client gets a generic message and an id to quote; the log gets the traceback."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    logger.error("request %s %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
+    return json_response({"error": "internal error", "request_id": request_id}, 500)
+
+
+def parse_json(body: bytes, what: str = "request body") -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise BadInput(f"{what}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{what}: not valid JSON: {exc}") from None
+
+
+def deadline(request: Request, config: ServerConfig, timing: Timing) -> float:
+    timeout_ms = config.timeout_ms
+    header = request.headers.get(DEADLINE_HEADER)
+    if header is not None:
+        try:
+            requested = float(header)
+        except ValueError:
+            raise BadInput(f"{DEADLINE_HEADER}: not a number: {header!r}") from None
+        if not requested > 0:
+            raise BadInput(f"{DEADLINE_HEADER}: must be positive, got {header!r}")
+        timeout_ms = min(timeout_ms, requested)
+    return timing.arrived + timeout_ms / 1000
+
+
+def begin(request: Request, service: ModelService) -> Timing:
+    """Mark the request as served by ``service``: the observing middleware reads this back."""
+    timing = Timing()
+    request.state.model = service.name
+    request.state.version = service.version
+    request.state.timing = timing
+    return timing
+
+
+def model_headers(service: ModelService) -> dict[str, str]:
+    return {"x-model-name": service.name, "x-model-version": str(service.version)}
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server, in its own registry (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from modelport.batching import BatchInfo
+
+_LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("modelport_requests", "Requests answered, by model, protocol and HTTP status.",
+                                ["model", "version", "protocol", "status"], registry=r)
+        self.request_duration = Histogram("modelport_request_duration_seconds", "Time from arrival to answer.",
+                                          ["model", "protocol"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_duration = Histogram("modelport_decode_duration_seconds", "Image decode + preprocess per request.",
+                                         ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("modelport_queue_duration_seconds", "Time waiting for a batch to start.",
+                                        ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram("modelport_inference_duration_seconds", "Runtime time per batch.",
+                                            ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("modelport_batch_size", "Rows per executed batch.", ["model"],
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batches = Counter("modelport_batches", "Batches executed.", ["model"], registry=r)
+        self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
+        self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model"],
+                                 registry=r)
+
+    def observe_batch(self, model: str, info: BatchInfo) -> None:
+        self.batches.labels(model).inc()
+        self.batch_size.labels(model).observe(info.rows)
+        self.inference_duration.labels(model).observe(info.run_s)
+        queue = self.queue_duration.labels(model)
+        for seconds in info.queue_s:
+            queue.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

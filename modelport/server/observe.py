@@ -1,0 +1,56 @@
+"""Per-request metrics and headers (ASGI middleware): status, latency, model, Server-Timing."""
+
+from __future__ import annotations
+
+import time
+
+from modelport.server.metrics import Metrics
+
+
+def _protocol(path: str) -> str:
+    if path.startswith("/v2"):
+        return "kserve"
+    if path.startswith("/v1"):
+        return "tfserving"
+    if path == "/":
+        return "upload"
+    return "other"
+
+
+class Observe:
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        state = scope.setdefault("state", {})
+        status = 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = []
+                if "model" in state:
+                    extra += [(b"x-model-name", state["model"].encode()),
+                              (b"x-model-version", str(state["version"]).encode())]
+                if "timing" in state:
+                    extra.append((b"server-timing", state["timing"].server_timing().encode()))
+                if extra:
+                    message = dict(message, headers=list(message.get("headers", [])) + extra)
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.in_flight.dec()
+            model = state.get("model")
+            if model is not None:  # only model requests: health checks and metrics scrapes are noise
+                protocol = _protocol(scope["path"])
+                self.metrics.requests.labels(model, str(state["version"]), protocol, str(status)).inc()
+                self.metrics.request_duration.labels(model, protocol).observe(time.monotonic() - start)

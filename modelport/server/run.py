@@ -1,0 +1,46 @@
+"""Running the server under uvicorn, with modelport's shutdown order.
+
+SIGTERM or SIGINT: report not ready -> stop accepting -> finish in-flight requests (at most
+``exit_timeout_s``) -> drain batchers -> unload -> exit 0. A second signal forces exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import uvicorn
+
+from modelport.server.app import create_app
+from modelport.server.config import ServerConfig
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Readiness goes false at once, so a balancer stops sending before the listener closes.
+        self._app.state.ready = False
+        if self.should_exit:  # the second signal, of either kind
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config: ServerConfig) -> None:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(bundles, config)
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
+        log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.exit_timeout_s,
+        timeout_keep_alive=5, limit_concurrency=None, server_header=False,
+    )
+    server = _Server(uv_config, app)
+    app.state.stop = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if getattr(app.state, "load_failed", False):
+        raise SystemExit(2)
+

@@ -1,0 +1,155 @@
+"""TensorFlow Serving REST: model status, ``:predict`` (row and columnar) and ``:classify``.
+
+An image classifier takes ``{"instances": [{"b64": "<jpeg>"}]}``; named inputs
+(``{"instances": [{"image_bytes": {"b64": ...}}]}``) and raw tensors of the graph's input
+(nested lists) work too. ``predictions`` hold the model's class scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from modelport.errors import BadInput, NotFound
+from modelport.server.http import begin, deadline, json_response, parse_json
+from modelport.service import ModelService
+
+
+async def status(request: Request) -> Response:
+    service = _service(request)
+    return json_response({"model_version_status": [{
+        "version": str(service.version),
+        "state": "AVAILABLE" if request.app.state.ready else "LOADING",
+        "status": {"error_code": "OK", "error_message": ""},
+    }]})
+
+
+async def metadata(request: Request) -> Response:
+    service = _service(request)
+    model = service.model
+    return json_response({
+        "model_spec": {"name": service.name, "version": str(service.version)},
+        "metadata": {"signature_def": {"signature_def": {"serving_default": {
+            "inputs": {model.input.name: _tensor_info(model.input),
+                       "image_bytes": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}}},
+            "outputs": {o.name: _tensor_info(o) for o in model.runtime.outputs},
+            "method_name": "tensorflow/serving/predict",
+        }}}},
+    })
+
+
+async def predict(request: Request) -> Response:
+    service, payload, timing, request_deadline = await _start(request)
+    if "instances" in payload:
+        rows, columnar = payload["instances"], False
+    elif "inputs" in payload:
+        rows, columnar = payload["inputs"], True
+    else:
+        raise BadInput("body needs 'instances' (row format) or 'inputs' (columnar format)")
+    images, tensor = _parse(rows, service, columnar)
+    if images is not None:
+        outputs = await service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
+    else:
+        outputs = await service.infer_tensor(tensor, deadline=request_deadline, timing=timing)
+    scores = service.model.probabilities(outputs[service.model.output.name]).tolist()
+    return json_response({"outputs": scores} if columnar else {"predictions": scores})
+
+
+async def classify(request: Request) -> Response:
+    service, payload, timing, request_deadline = await _start(request)
+    rows = payload.get("examples", payload.get("instances"))
+    if rows is None:
+        raise BadInput("body needs 'examples' (or 'instances'): a list of {\"b64\": ...} images")
+    images, tensor = _parse(rows, service, columnar=False)
+    if images is not None:
+        outputs = await service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
+    else:
+        outputs = await service.infer_tensor(tensor, deadline=request_deadline, timing=timing)
+    k = payload.get("top_k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise BadInput(f"top_k must be a positive integer, got {k!r}")
+    result = [[[p.label, p.score] for p in row] for row in service.top_k(outputs, k)]
+    return json_response({"result": result})
+
+
+async def _start(request: Request):
+    service = _service(request)
+    timing = begin(request, service)
+    payload = parse_json(await request.body())
+    if not isinstance(payload, dict):
+        raise BadInput("request body must be a JSON object")
+    return service, payload, timing, deadline(request, request.app.state.config, timing)
+
+
+def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes] | None, np.ndarray | None]:
+    """Instances -> encoded images, or one tensor of the graph's input."""
+    graph_input = service.model.input
+    if columnar:
+        if isinstance(rows, dict):
+            rows = rows.get("image_bytes", rows.get(graph_input.name, rows))
+        if isinstance(rows, dict) and "b64" in rows:
+            rows = [rows]
+    if not isinstance(rows, list) or not rows:
+        raise BadInput("instances must be a non-empty list")
+    first = rows[0]
+    if isinstance(first, dict) and "b64" not in first:
+        # Named inputs: {"image_bytes": {"b64": ...}} or {"image": [[...]]}, one key per instance.
+        if len(first) != 1:
+            raise BadInput(f"each instance names one input ({graph_input.name!r} or 'image_bytes')")
+        key = next(iter(first))
+        if key not in (graph_input.name, "image_bytes"):
+            raise BadInput(f"unknown input {key!r}; the model takes {graph_input.name!r} or 'image_bytes'", input_name=key)
+        try:
+            rows = [row[key] for row in rows]
+        except (TypeError, KeyError):
+            raise BadInput(f"every instance must name input {key!r}", input_name=key) from None
+        first = rows[0]
+    if isinstance(first, dict):
+        return [_b64(row) for row in rows], None
+    try:
+        tensor = np.asarray(rows, dtype=np.uint8 if graph_input.datatype == "UINT8" else np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadInput(f"instances are neither {{\"b64\": ...}} images nor a {graph_input.datatype} tensor: {exc}",
+                       input_name=graph_input.name) from None
+    return None, tensor
+
+
+def _b64(row: Any) -> bytes:
+    if not isinstance(row, dict) or not isinstance(row.get("b64"), str):
+        raise BadInput("every image instance must be {\"b64\": \"<base64 bytes>\"}", input_name="b64")
+    try:
+        return base64.b64decode(row["b64"], validate=False)
+    except (binascii.Error, ValueError):
+        raise BadInput("not valid base64", input_name="b64") from None
+
+
+def _tensor_info(spec) -> dict:
+    dtype = {"UINT8": "DT_UINT8", "FP32": "DT_FLOAT", "FP16": "DT_HALF", "INT64": "DT_INT64",
+             "INT32": "DT_INT32", "FP64": "DT_DOUBLE", "BYTES": "DT_STRING"}.get(spec.datatype, spec.datatype)
+    return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d)} for d in spec.shape]}}
+
+
+def _service(request: Request) -> ModelService:
+    params = request.path_params
+    if "label" in params:
+        raise NotFound(f"model {params['model']!r} has no version label {params['label']!r}")
+    return request.app.state.models.get(params["model"], params.get("version"))
+
+
+def routes() -> list[Route]:
+    routes = []
+    for suffix in ("", "/versions/{version}", "/labels/{label}"):
+        base = "/v1/models/{model}" + suffix
+        routes += [
+            Route(base, status),
+            Route(base + "/metadata", metadata),
+            Route(base + ":predict", predict, methods=["POST"]),
+            Route(base + ":classify", classify, methods=["POST"]),
+        ]
+    return routes

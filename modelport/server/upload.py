@@ -1,0 +1,46 @@
+"""The article's API: ``curl -XPOST localhost:12480 -F "data=@image.jpg"`` -> ``[[label, score], ...]``."""
+
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+from modelport.errors import BadInput, ModelportError
+from modelport.server.http import begin, deadline, json_response
+
+FIELD = "data"
+
+
+async def predict(request: Request) -> Response:
+    state = request.app.state
+    service = state.models.get(request.query_params["model"]) if "model" in request.query_params \
+        else state.models.default()
+    timing = begin(request, service)
+    k = _top_k(request)
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # python-multipart raises several types for malformed bodies
+        if isinstance(exc, ModelportError):  # the body limit, hit while parsing
+            raise
+        raise BadInput(f"expected a multipart form with a file field {FIELD!r}: {exc}", input_name=FIELD) from None
+    try:
+        upload = form.get(FIELD)
+        if upload is None:
+            raise BadInput(f"missing form field {FIELD!r} (send the image as -F \"{FIELD}=@image.jpg\")",
+                           input_name=FIELD)
+        data = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
+    finally:
+        await form.close()
+    (predictions,) = await service.classify([data], k=k, deadline=deadline(request, state.config, timing),
+                                            timing=timing, input_name=FIELD)
+    return json_response([[p.label, p.score] for p in predictions])
+
+
+def _top_k(request: Request) -> int | None:
+    raw = request.query_params.get("k")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise BadInput(f"k must be a positive integer, got {raw!r}")
+    return int(raw)

@@ -1,0 +1,227 @@
+"""A loaded model put to work for the front-ends: decode pool -> batcher -> runtime -> results.
+
+HTTP and ZeroMQ both call the same ``ModelService``: the same queue, limits and batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from modelport.batching import Batcher, BatchInfo
+from modelport.bundle import Serving
+from modelport.errors import BadInput, DeadlineExceeded, NotFound
+from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
+from modelport.model import Model
+from modelport.predictions import Prediction
+from modelport.runtime import V2_TO_NUMPY
+
+
+@dataclass
+class Timing:
+    """Where one request's time went; becomes its Server-Timing header."""
+
+    arrived: float = field(default_factory=time.monotonic)
+    decode_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    enqueued: float = 0.0
+
+    def server_timing(self) -> str:
+        return (f"decode;dur={self.decode_s * 1000:.3f}, queue;dur={self.queue_s * 1000:.3f}, "
+                f"infer;dur={self.infer_s * 1000:.3f}")
+
+
+@dataclass
+class Stats:
+    """Counters for the V2 statistics extension (nanoseconds, as Triton reports them)."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_infer_ns: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass
+class _Item:
+    array: np.ndarray  # rows of crops (uint8 NHWC) or of the graph's own input
+    is_crop: bool
+    timing: Timing
+
+
+class ModelService:
+    def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, serving: Serving | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, on_batch=None) -> None:
+        self.model = model
+        self.name = model.name
+        self.version = model.version
+        self.serving = serving or model.bundle.serving
+        self.max_pixels = max_pixels
+        self.stats = Stats()
+        self._decode_pool = decode_pool
+        # One runtime call at a time per model: ORT already spreads one batch over every core.
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
+        self._on_batch_hook = on_batch
+        self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
+            self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
+            max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch)
+        self.output_names = [o.name for o in model.runtime.outputs]
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._infer_pool.shutdown(wait=True)
+        self.model.close()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def classify(self, images: Sequence[bytes], *, k: int | None, deadline: float | None, timing: Timing,
+                       input_name: str | None = None) -> list[list[Prediction]]:
+        outputs = await self.infer_images(images, deadline=deadline, timing=timing, input_name=input_name)
+        return self.top_k(outputs, k)
+
+    def top_k(self, outputs: dict[str, np.ndarray], k: int | None) -> list[list[Prediction]]:
+        probabilities = self.model.probabilities(outputs[self.model.output.name])
+        return self.model.top_k(probabilities, k or self.serving.top_k)
+
+    async def infer_images(self, images: Sequence[bytes], *, deadline: float | None, timing: Timing,
+                           input_name: str | None = None) -> dict[str, np.ndarray]:
+        if not images:
+            raise BadInput("no image given", input_name=input_name)
+        _check_deadline(deadline)
+        with self.batcher.admit():
+            start = time.monotonic()
+            crops = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self._decode_all, images, input_name)
+            timing.decode_s = time.monotonic() - start
+        return await self._submit(crops, True, deadline, timing)
+
+    async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
+        """The graph's own input, already shaped (N, ...) and typed; checked here, not by the runtime."""
+        self.check_tensor(array)
+        _check_deadline(deadline)
+        with self.batcher.admit():
+            pass
+        return await self._submit(array, False, deadline, timing)
+
+    def check_tensor(self, array: np.ndarray) -> None:
+        spec = self.model.input
+        expected = V2_TO_NUMPY.get(spec.datatype)
+        if array.dtype != expected:
+            raise BadInput(f"input {spec.name!r} must be {spec.datatype}, got {array.dtype}", input_name=spec.name)
+        if array.ndim != len(spec.shape) or any(e not in (-1, a) for e, a in zip(spec.shape[1:], array.shape[1:])):
+            raise BadInput(f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(array.shape)}",
+                           input_name=spec.name)
+        if array.shape[0] < 1:
+            raise BadInput(f"input {spec.name!r} has an empty batch", input_name=spec.name)
+
+    def resolve_outputs(self, names: Sequence[str] | None) -> list[str]:
+        if not names:
+            return list(self.output_names)
+        for name in names:
+            if name not in self.output_names:
+                raise BadInput(f"model {self.name!r} has no output {name!r}; it has {', '.join(self.output_names)}")
+        return list(names)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _decode_all(self, images: Sequence[bytes], input_name: str | None) -> np.ndarray:
+        return np.stack([self.model.decode(data, max_pixels=self.max_pixels, input_name=input_name)
+                         for data in images])
+
+    async def _submit(self, array: np.ndarray, is_crop: bool, deadline: float | None,
+                      timing: Timing) -> dict[str, np.ndarray]:
+        timing.enqueued = time.monotonic()
+        start = time.monotonic()
+        try:
+            result = await self.batcher.submit(_Item(array, is_crop, timing), rows=len(array), deadline=deadline)
+        except Exception:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
+            raise
+        self.stats.success_count += 1
+        self.stats.success_ns += int((time.monotonic() - timing.arrived) * 1e9)
+        return result
+
+    async def _run_batch(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
+        started = time.monotonic()
+        for item in items:
+            item.timing.queue_s = started - item.timing.enqueued
+        outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items)
+        elapsed = time.monotonic() - started
+        for item in items:
+            item.timing.infer_s = elapsed
+        return outputs
+
+    def _run_sync(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
+        # Crops are normalised together, once per batch; graph-ready tensors go in as they are.
+        order = [i for i, item in enumerate(items) if item.is_crop] + [i for i, item in enumerate(items) if not item.is_crop]
+        parts = []
+        crops = [items[i].array for i in order if items[i].is_crop]
+        if crops:
+            parts.append(to_model_input(np.concatenate(crops), self.model.spec))
+        parts.extend(items[i].array for i in order if not items[i].is_crop)
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        outputs = self.model.run({self.model.input.name: batch}, self.output_names)
+        results: list[dict[str, np.ndarray] | None] = [None] * len(items)
+        row = 0
+        for i in order:
+            n = len(items[i].array)
+            results[i] = {name: value[row:row + n] for name, value in outputs.items()}
+            row += n
+        return results
+
+    def _on_batch(self, info: BatchInfo) -> None:
+        self.stats.inference_count += info.rows
+        self.stats.execution_count += 1
+        self.stats.queue_ns += int(sum(info.queue_s) * 1e9)
+        self.stats.compute_infer_ns += int(info.run_s * 1e9)
+        self.stats.last_inference_ms = int(time.time() * 1000)
+        if self._on_batch_hook is not None:
+            self._on_batch_hook(self.name, info)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("deadline passed before compute; not computed")
+
+
+class ModelSet:
+    """The models a server holds, by name; one version each for now (the highest found)."""
+
+    def __init__(self) -> None:
+        self._services: dict[str, ModelService] = {}
+
+    def add(self, service: ModelService) -> None:
+        self._services[service.name] = service
+
+    def get(self, name: str, version: str | int | None = None) -> ModelService:
+        service = self._services.get(name)
+        if service is None:
+            raise NotFound(f"unknown model {name!r}")
+        if version is not None and str(version) != str(service.version):
+            raise NotFound(f"model {name!r} has no version {version!r} (serving version {service.version})")
+        return service
+
+    def default(self) -> ModelService:
+        if not self._services:
+            raise NotFound("no model loaded")
+        return next(iter(self._services.values()))
+
+    def __iter__(self):
+        return iter(list(self._services.values()))
+
+    def __len__(self) -> int:
+        return len(self._services)
