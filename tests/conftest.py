@@ -97,3 +97,13 @@ def make_tiny_bundle(directory: Path, *, classes: int = 4, size: int = 8, dtype:
             config[table] = value
     write_config(directory, config)
     return directory
+
+
+@pytest.fixture(scope="session")
+def default_server(default_bundle, tmp_path_factory):
+    """One real server with the default model for the protocol tests."""
+    from servers import Server
+
+    server = Server(log=tmp_path_factory.mktemp("logs") / "default.log").wait_ready()
+    yield server
+    server.stop()

@@ -14,6 +14,7 @@ import numpy as np
 
 RUNTIMES = {
     "onnx": "modelport.runtime.onnx:OnnxRuntime",
+    "python": "modelport.runtime.python:PythonRuntime",
 }
 
 

@@ -20,7 +20,7 @@ from modelport.errors import ModelportError, Unavailable
 from modelport.model import Model
 from modelport.server import kserve, tfserving, upload
 from modelport.server.config import ServerConfig
-from modelport.server.http import error_response, internal_error
+from modelport.server.http import ClientGone, error_response, internal_error
 from modelport.server.limits import BodyLimit
 from modelport.server.metrics import CONTENT_TYPE, Metrics
 from modelport.server.observe import Observe
@@ -35,6 +35,10 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def _modelport_error(request: Request, exc: ModelportError) -> Response:
     return error_response(exc)
+
+
+async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it; logged in metrics as 499, nginx's "client closed"
 
 
 def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config: ServerConfig) -> Starlette:
@@ -65,7 +69,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Observe, metrics=metrics), Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
-        exception_handlers={ModelportError: _modelport_error, Exception: internal_error},
+        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.config = config
@@ -87,6 +91,7 @@ async def _load(app: Starlette, bundles, config: ServerConfig, decode_pool, metr
             service = ModelService(model, decode_pool=decode_pool, serving=replace(serving, **overrides),
                                    max_pixels=config.max_pixels, on_batch=metrics.observe_batch)
             service.start()
+            metrics.queue_depth.labels(service.name).set_function(lambda b=service.batcher: b.queued)
             models.add(service)
             logger.info("loaded %s version %s from %s", service.name, service.version, path)
     except Exception as exc:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,6 +16,7 @@ from modelport.server.config import ServerConfig
 from modelport.service import ModelService, Timing
 
 logger = logging.getLogger("modelport.server")
+T = TypeVar("T")
 
 DEADLINE_HEADER = "x-request-timeout-ms"  # may only lower the server's default deadline
 
@@ -68,9 +69,28 @@ def begin(request: Request, service: ModelService) -> Timing:
     return timing
 
 
-def model_headers(service: ModelService) -> dict[str, str]:
-    return {"x-model-name": service.name, "x-model-version": str(service.version)}
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first.
+
+    A cancelled request leaves the batcher's queue untouched until its turn, and is then skipped:
+    a request nobody waits for is never computed. Call this after the body has been read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone()
+    return task.result()
 
 
-def now() -> float:
-    return time.monotonic()
+class ClientGone(Exception):
+    """The client disconnected; nobody will read the answer."""
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

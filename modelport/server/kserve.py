@@ -21,7 +21,7 @@ from starlette.routing import Route
 import modelport
 from modelport.errors import BadInput
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
-from modelport.server.http import begin, deadline, json_response, parse_json
+from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
 from modelport.service import ModelService
 
 ENCODED_INPUT = "image_bytes"
@@ -92,10 +92,10 @@ async def infer(request: Request) -> Response:
     name, array = _decode_input(tensor, binary, service)
     request_deadline = deadline(request, request.app.state.config, timing)
     if name == ENCODED_INPUT:
-        outputs = await service.infer_images(list(array), deadline=request_deadline, timing=timing,
-                                             input_name=ENCODED_INPUT)
+        work = service.infer_images(list(array), deadline=request_deadline, timing=timing, input_name=ENCODED_INPUT)
     else:
-        outputs = await service.infer_tensor(array, deadline=request_deadline, timing=timing)
+        work = service.infer_tensor(array, deadline=request_deadline, timing=timing)
+    outputs = await unless_disconnected(request, work)
 
     response: dict[str, Any] = {"model_name": service.name, "model_version": str(service.version)}
     if "id" in payload:

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modelport.errors import BadInput, NotFound
-from modelport.server.http import begin, deadline, json_response, parse_json
+from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
 from modelport.service import ModelService
 
 
@@ -52,11 +52,7 @@ async def predict(request: Request) -> Response:
         rows, columnar = payload["inputs"], True
     else:
         raise BadInput("body needs 'instances' (row format) or 'inputs' (columnar format)")
-    images, tensor = _parse(rows, service, columnar)
-    if images is not None:
-        outputs = await service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
-    else:
-        outputs = await service.infer_tensor(tensor, deadline=request_deadline, timing=timing)
+    outputs = await _infer(request, service, _parse(rows, service, columnar), request_deadline, timing)
     scores = service.model.probabilities(outputs[service.model.output.name]).tolist()
     return json_response({"outputs": scores} if columnar else {"predictions": scores})
 
@@ -66,16 +62,21 @@ async def classify(request: Request) -> Response:
     rows = payload.get("examples", payload.get("instances"))
     if rows is None:
         raise BadInput("body needs 'examples' (or 'instances'): a list of {\"b64\": ...} images")
-    images, tensor = _parse(rows, service, columnar=False)
-    if images is not None:
-        outputs = await service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
-    else:
-        outputs = await service.infer_tensor(tensor, deadline=request_deadline, timing=timing)
+    outputs = await _infer(request, service, _parse(rows, service, columnar=False), request_deadline, timing)
     k = payload.get("top_k")
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         raise BadInput(f"top_k must be a positive integer, got {k!r}")
     result = [[[p.label, p.score] for p in row] for row in service.top_k(outputs, k)]
     return json_response({"result": result})
+
+
+async def _infer(request: Request, service: ModelService, parsed, request_deadline: float, timing) -> dict:
+    images, tensor = parsed
+    if images is not None:
+        work = service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
+    else:
+        work = service.infer_tensor(tensor, deadline=request_deadline, timing=timing)
+    return await unless_disconnected(request, work)
 
 
 async def _start(request: Request):
@@ -123,8 +124,10 @@ def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes
 def _b64(row: Any) -> bytes:
     if not isinstance(row, dict) or not isinstance(row.get("b64"), str):
         raise BadInput("every image instance must be {\"b64\": \"<base64 bytes>\"}", input_name="b64")
+    text = row["b64"]
     try:
-        return base64.b64decode(row["b64"], validate=False)
+        # TF Serving's clients send standard or web-safe base64; accept both, nothing looser.
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
         raise BadInput("not valid base64", input_name="b64") from None
 

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from modelport.errors import BadInput, ModelportError
-from modelport.server.http import begin, deadline, json_response
+from modelport.server.http import begin, deadline, json_response, unless_disconnected
 
 FIELD = "data"
 
@@ -18,6 +18,9 @@ async def predict(request: Request) -> Response:
         else state.models.default()
     timing = begin(request, service)
     k = _top_k(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
+                       input_name=FIELD)
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as exc:  # python-multipart raises several types for malformed bodies
@@ -32,8 +35,8 @@ async def predict(request: Request) -> Response:
         data = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
     finally:
         await form.close()
-    (predictions,) = await service.classify([data], k=k, deadline=deadline(request, state.config, timing),
-                                            timing=timing, input_name=FIELD)
+    (predictions,) = await unless_disconnected(request, service.classify(
+        [data], k=k, deadline=deadline(request, state.config, timing), timing=timing, input_name=FIELD))
     return json_response([[p.label, p.score] for p in predictions])
 
 

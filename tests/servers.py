@@ -1,0 +1,120 @@
+"""Real ``modelport serve`` processes for the tests, and the gate model that holds requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from modelport.bundle import write_config
+
+GATE_MODEL = '''
+import time
+from pathlib import Path
+
+import numpy as np
+
+from modelport.runtime import TensorSpec
+
+WEIGHTS = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+
+
+class Model:
+    """Counts every batch it runs; blocks while the file "gate" exists; raises while "fail" exists."""
+
+    inputs = [TensorSpec("image", "UINT8", (-1, 8, 8, 3))]
+    outputs = [TensorSpec("logits", "FP32", (-1, 4))]
+
+    def __init__(self, bundle_dir):
+        self.dir = Path(bundle_dir)
+
+    def run(self, feeds):
+        x = feeds["image"]
+        with open(self.dir / "executed.log", "a") as log:
+            log.write(f"{len(x)}\\n")
+        while (self.dir / "gate").exists():
+            time.sleep(0.002)
+        if (self.dir / "fail").exists():
+            raise RuntimeError("a bug in model code")
+        mean = ((x.astype(np.float32) - 127.5) / 127.5).reshape(len(x), -1, 3).mean(axis=1)
+        return {"logits": mean @ WEIGHTS}
+'''
+
+
+def make_gate_bundle(directory: Path, **serving) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.py").write_text(GATE_MODEL)
+    (directory / "labels.txt").write_text("a\nb\nc\nd\n")
+    write_config(directory, {
+        "format": 1, "runtime": "python", "model_file": "model.py",
+        "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8", "layout": "NHWC"},
+        "output": {"name": "logits", "kind": "logits"},
+        "serving": {"top_k": 2, **serving},
+    })
+    return directory
+
+
+class Gate:
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+
+    def close(self) -> None:
+        (self.bundle / "gate").touch()
+
+    def open(self) -> None:
+        (self.bundle / "gate").unlink(missing_ok=True)
+
+    def batches(self) -> list[int]:
+        log = self.bundle / "executed.log"
+        return [int(n) for n in log.read_text().split()] if log.exists() else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``modelport serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, *args: str, log: Path, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelport", "serve", *args, "--port", str(self.port)],
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+
+    def wait_ready(self, timeout_s: float = 60) -> "Server":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log.read_text()}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode

@@ -1,0 +1,174 @@
+"""The batcher in-process: batches form, every answer reaches its own request, failures spread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from modelport.batching import Batcher
+from modelport.errors import DeadlineExceeded, Overloaded
+
+
+class Runtime:
+    """A runtime held by a gate: a batch starts, then waits until the test opens the gate."""
+
+    def __init__(self, fail: Exception | None = None, short_by: int = 0) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.fail = fail
+        self.short_by = short_by
+
+    async def __call__(self, items):
+        self.batches.append(list(items))
+        self.started.set()
+        await self.gate.wait()
+        if self.fail:
+            raise self.fail
+        return [i * 10 for i in items][: len(items) - self.short_by]
+
+
+def batcher(runtime, **kwargs) -> Batcher:
+    settings = {"max_batch_size": 8, "max_delay_ms": 5, "max_queue_size": 100, **kwargs}
+    b = Batcher(runtime, **settings)
+    b.start()
+    return b
+
+
+async def test_every_request_gets_its_own_answer():
+    runtime = Runtime()
+    b = batcher(runtime)
+    results = await asyncio.gather(*(b.submit(i) for i in range(100)))
+    assert results == [i * 10 for i in range(100)]
+    assert sum(len(batch) for batch in runtime.batches) == 100
+    await b.close()
+
+
+async def test_batches_form_while_the_runtime_is_busy():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=4)
+    first = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 10)]
+    await asyncio.sleep(0)
+    runtime.gate.set()
+    assert await asyncio.gather(first, *rest) == [i * 10 for i in range(10)]
+    assert [len(x) for x in runtime.batches] == [1, 4, 4, 1]
+    await b.close()
+
+
+async def test_low_load_does_not_wait_for_the_delay():
+    b = batcher(Runtime(), max_delay_ms=2000)
+    start = time.monotonic()
+    assert await b.submit(7) == 70
+    assert time.monotonic() - start < 0.5  # nothing else was on its way: no reason to wait
+    await b.close()
+
+
+async def test_waits_for_announced_companions_up_to_the_delay():
+    runtime = Runtime()
+    b = batcher(runtime, max_delay_ms=2000)
+    with b.admit():  # a request still decoding
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.05)
+        assert runtime.batches == []  # held back for the companion
+        second = asyncio.ensure_future(b.submit(2))
+    assert await asyncio.gather(first, second) == [10, 20]
+    assert runtime.batches == [[1, 2]]
+    await b.close()
+
+
+async def test_delay_bound_is_kept_when_the_companion_is_slow():
+    runtime = Runtime()
+    b = batcher(runtime, max_delay_ms=30)
+    with b.admit():
+        start = time.monotonic()
+        assert await b.submit(1) == 10
+        waited = time.monotonic() - start
+    assert 0.02 < waited < 0.5
+    await b.close()
+
+
+async def test_failed_batch_fails_every_request_in_it():
+    runtime = Runtime(fail=ValueError("boom"))
+    runtime.gate.clear()
+    b = batcher(runtime)
+    first = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 4)]
+    await asyncio.sleep(0)
+    runtime.gate.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results)
+    await b.close()
+
+
+async def test_short_output_is_an_error_not_a_misaligned_answer():
+    b = batcher(Runtime(short_by=1))
+    with pytest.raises(RuntimeError, match="produced"):
+        await b.submit(1)
+    await b.close()
+
+
+async def test_cancelled_request_is_never_computed():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=1)
+    first = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    gone = asyncio.ensure_future(b.submit(99))
+    kept = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0)
+    gone.cancel()
+    runtime.gate.set()
+    assert await asyncio.gather(first, kept) == [0, 20]
+    assert [99] not in runtime.batches
+    await b.close()
+
+
+async def test_expired_deadline_is_answered_without_compute():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=1)
+    first = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    late = asyncio.ensure_future(b.submit(5, deadline=time.monotonic() + 0.01))
+    await asyncio.sleep(0.05)
+    runtime.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    await first
+    assert [5] not in runtime.batches
+    await b.close()
+
+
+async def test_full_queue_refuses_at_once_and_queued_ones_complete():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=1, max_queue_size=3)
+    running = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        b.admit()
+    assert info.value.headers()["Retry-After"] == "1"
+    runtime.gate.set()
+    assert await asyncio.gather(running, *queued) == [0, 10, 20, 30]
+    await b.close()
+
+
+async def test_close_drains_the_queue():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=2)
+    futures = [asyncio.ensure_future(b.submit(i)) for i in range(5)]
+    await runtime.started.wait()
+    closing = asyncio.ensure_future(b.close())
+    runtime.gate.set()
+    await closing
+    assert [f.result() for f in futures] == [0, 10, 20, 30, 40]
