@@ -7,6 +7,7 @@ SIGTERM or SIGINT: report not ready -> stop accepting -> finish in-flight reques
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +25,11 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         # Readiness goes false at once, so a balancer stops sending before the listener closes.
         self._app.state.ready = False
-        if self.should_exit:  # the second signal, of either kind
-            self.force_exit = True
+        if self.should_exit:
+            # The second signal, of either kind: leave now. A runtime call stuck in native code
+            # would otherwise hold the interpreter's exit (it joins worker threads).
+            logging.getLogger("modelport.server").warning("second signal: forced exit")
+            os._exit(1)
         else:
             self.should_exit = True
 

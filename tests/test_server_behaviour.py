@@ -1,0 +1,260 @@
+"""The server under load, limits and faults: real processes, a gate model that holds requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import make_tiny_bundle, tiny_onnx
+from modelport.predictions import softmax
+from servers import Gate, Server, make_gate_bundle
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gate_request(pixels: np.ndarray) -> dict:
+    return {"inputs": [{"name": "image", "shape": [1, 8, 8, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+
+
+def metric(url: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(predicate, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def gated(tmp_path):
+    """A server over the gate model: max_batch_size 1, a queue of 4, open gate."""
+    bundle = make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1, max_queue_size=4, max_delay_ms=0)
+    server = Server(str(tmp_path / "repo"), "--max-body-mb", "0.01", log=tmp_path / "server.log").wait_ready()
+    yield server, Gate(bundle)
+    Gate(bundle).open()
+    server.stop()
+
+
+def test_hundreds_of_concurrent_unique_requests_each_get_their_own_answer(tmp_path):
+    make_tiny_bundle(tmp_path / "repo" / "tiny" / "1", size=8, dtype="float32", layout="NCHW")
+    weights = tiny_onnx(tmp_path / "w.onnx")
+    server = Server(str(tmp_path / "repo"), "--max-delay-ms", "20", log=tmp_path / "server.log").wait_ready()
+    try:
+        rng = np.random.default_rng(3)
+        payloads = [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(300)]
+
+        def ask(pixels: np.ndarray) -> np.ndarray:
+            body = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                                "data": [__import__("base64").b64encode(png(pixels)).decode()]}],
+                    "outputs": [{"name": "logits"}]}
+            response = client.post("/v2/models/tiny/infer", json=body)
+            assert response.status_code == 200, response.text
+            return np.array(response.json()["outputs"][0]["data"], dtype=np.float32)
+
+        with httpx.Client(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+            with ThreadPoolExecutor(32) as pool:
+                answers = list(pool.map(ask, payloads))
+        for pixels, answer in zip(payloads, answers):
+            expected = ((pixels.astype(np.float32) - 127.5) / 127.5).mean(axis=(0, 1)) @ weights
+            assert np.allclose(answer, expected, atol=1e-4)
+        # Batches really formed: fewer runtime calls than requests.
+        batches = metric(server.url, "modelport_batches_total", model="tiny")
+        rows = metric(server.url, "modelport_batch_size_sum", model="tiny")
+        assert rows == 300 and batches < 300, (batches, rows)
+    finally:
+        server.stop()
+
+
+def test_queue_full_is_refused_fast_while_queued_requests_complete(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
+        running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
+        wait_for(lambda: len(gate.batches()) == 2)  # warm-up + the held request
+        queued = [pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels)) for _ in range(4)]
+        wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 4)
+        start = time.monotonic()
+        refused = client.post("/v2/models/gate/infer", json=gate_request(pixels))
+        elapsed = time.monotonic() - start
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "queue full" in refused.json()["error"]
+        assert elapsed < 0.05, elapsed
+        gate.open()
+        assert [f.result().status_code for f in [running, *queued]] == [200] * 5
+
+
+def test_deadline_passed_in_queue_is_504_without_compute(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
+        running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
+        wait_for(lambda: len(gate.batches()) == 2)
+        late = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels),
+                           headers={"X-Request-Timeout-Ms": "50"})
+        wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 1)
+        time.sleep(0.1)  # let the queued request's own deadline pass (this is the thing under test)
+        gate.open()
+        assert running.result().status_code == 200
+        response = late.result()
+        assert response.status_code == 504 and "not computed" in response.json()["error"]
+    assert len(gate.batches()) == 2  # warm-up + the first request: the late one never ran
+
+
+def test_deadline_header_cannot_raise_the_server_default_and_must_be_a_number(gated):
+    server, _ = gated
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    ok = httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels),
+                    headers={"X-Request-Timeout-Ms": "99999999"})
+    assert ok.status_code == 200
+    bad = httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels),
+                     headers={"X-Request-Timeout-Ms": "soon"})
+    assert bad.status_code == 400
+
+
+def test_client_that_disconnects_while_queued_is_never_executed(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
+        running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
+        wait_for(lambda: len(gate.batches()) == 2)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=0.3)
+        wait_for(lambda: metric(server.url, "modelport_requests_total", model="gate", status="499") == 1)
+        gate.open()
+        assert running.result().status_code == 200
+    assert len(gate.batches()) == 2
+
+
+def test_body_limit_boundary_and_chunked_bodies(gated):
+    server, _ = gated
+    limit = int(0.01 * 1024 * 1024)
+    body = json.dumps(gate_request(np.zeros((8, 8, 3), np.uint8))).encode()
+    exact = body + b" " * (limit - len(body))
+    url = server.url + "/v2/models/gate/infer"
+    assert httpx.post(url, content=exact).status_code == 200
+    over = httpx.post(url, content=exact + b" ")
+    assert over.status_code == 413 and "over the limit" in over.json()["error"]
+
+    def chunks():
+        for _ in range(20):
+            yield b" " * 1024
+    assert httpx.post(url, content=chunks()).status_code == 413
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200
+
+
+def test_bug_in_model_code_is_a_generic_500_with_request_id(gated):
+    server, gate = gated
+    (gate.bundle / "fail").touch()
+    response = httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(np.zeros((8, 8, 3), np.uint8)))
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"] == "internal error" and len(body["request_id"]) >= 16
+    assert "Traceback" not in response.text and "model.py" not in response.text
+    assert body["request_id"] in server.log.read_text() and "a bug in model code" in server.log.read_text()
+    (gate.bundle / "fail").unlink()
+    ok = httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(np.zeros((8, 8, 3), np.uint8)))
+    assert ok.status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
+                    for _ in range(4)]
+        wait_for(lambda: len(gate.batches()) == 2 and metric(server.url, "modelport_queue_depth", model="gate") == 3)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.2)  # the server is now draining with requests held by the gate
+        assert server.proc.poll() is None
+        gate.open()
+        assert [f.result().status_code for f in inflight] == [200] * 4
+    assert server.proc.wait(timeout=30) == 0
+
+
+def test_second_signal_forces_exit(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
+        wait_for(lambda: len(gate.batches()) == 2)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert server.proc.poll() is None  # waiting for the held request
+        server.signal(signal.SIGINT)
+        server.proc.wait(timeout=10)
+        gate.open()
+        with pytest.raises(httpx.HTTPError):
+            stuck.result()
+
+
+def test_fuzzed_bodies_never_500(gated):
+    server, _ = gated
+    rng = np.random.default_rng(9)
+    url = server.url
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for i in range(150):
+            blob = rng.bytes(int(rng.integers(0, 300)))
+            if i % 3 == 0:
+                blob = b'{"inputs": [{"name": "image", "shape": [1, 8, 8, 3], "datatype": "UINT8", "data": ' + blob
+            for path in ("/v2/models/gate/infer", "/v1/models/gate:predict", "/"):
+                status = client.post(path, content=blob, headers={"content-type": "application/json"}).status_code
+                assert status in (400, 404, 413), (path, blob, status)
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_readiness_is_503_while_models_load(tmp_path):
+    """In-process: the app answers health at once and refuses model requests until loaded."""
+    from starlette.testclient import TestClient
+
+    from modelport.server.app import create_app
+    from modelport.server.config import ServerConfig
+
+    release = threading.Event()
+    bundle = make_tiny_bundle(tmp_path / "tiny" / "1")
+
+    def slow_discovery():
+        release.wait(10)
+        return {"tiny": bundle}
+
+    with TestClient(create_app(slow_discovery, ServerConfig())) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 503
+        loading = client.get("/v2/models/tiny")
+        assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+        release.set()
+        wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
+        assert client.get("/v2/models/tiny").status_code == 200
+
+
+def test_bad_repository_fails_start_with_a_clear_message(tmp_path):
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "1" / "modelport.toml").write_text("runtime = 'tensorflow'\n")
+    server = Server(str(tmp_path / "repo"), log=tmp_path / "server.log")
+    assert server.proc.wait(timeout=30) == 2
+    assert "unknown runtime 'tensorflow'" in server.log.read_text()
