@@ -9,7 +9,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -52,6 +52,14 @@ class Stats:
     last_inference_ms: int = 0
 
 
+class Observer(Protocol):
+    """Where a service reports what it did (the server's metrics); kept out of the request path's logic."""
+
+    def observe_batch(self, model: str, info: BatchInfo) -> None: ...
+
+    def observe_decode(self, model: str, seconds: float) -> None: ...
+
+
 @dataclass
 class _Item:
     array: np.ndarray  # rows of crops (uint8 NHWC) or of the graph's own input
@@ -61,7 +69,7 @@ class _Item:
 
 class ModelService:
     def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, serving: Serving | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, on_batch=None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, observer: "Observer | None" = None) -> None:
         self.model = model
         self.name = model.name
         self.version = model.version
@@ -71,7 +79,7 @@ class ModelService:
         self._decode_pool = decode_pool
         # One runtime call at a time per model: ORT already spreads one batch over every core.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
-        self._on_batch_hook = on_batch
+        self._observer = observer
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
             max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch)
@@ -106,6 +114,8 @@ class ModelService:
             crops = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._decode_all, images, input_name)
             timing.decode_s = time.monotonic() - start
+            if self._observer is not None:
+                self._observer.observe_decode(self.name, timing.decode_s)
         return await self._submit(crops, True, deadline, timing)
 
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
@@ -189,8 +199,8 @@ class ModelService:
         self.stats.queue_ns += int(sum(info.queue_s) * 1e9)
         self.stats.compute_infer_ns += int(info.run_s * 1e9)
         self.stats.last_inference_ms = int(time.time() * 1000)
-        if self._on_batch_hook is not None:
-            self._on_batch_hook(self.name, info)
+        if self._observer is not None:
+            self._observer.observe_batch(self.name, info)
 
 
 def _check_deadline(deadline: float | None) -> None:

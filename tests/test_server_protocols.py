@@ -271,7 +271,9 @@ def test_metrics_parse_and_count(http, images):
     requests = [s for s in families["modelport_requests"].samples
                 if s.name == "modelport_requests_total" and s.labels["protocol"] == "upload" and s.labels["status"] == "200"]
     assert requests and requests[0].value >= 1 and requests[0].labels["model"] == MODEL
-    for name in ("modelport_request_duration_seconds", "modelport_queue_duration_seconds",
-                 "modelport_inference_duration_seconds", "modelport_batch_size", "modelport_decode_duration_seconds",
-                 "modelport_requests_in_flight", "modelport_queue_depth"):
-        assert name in families, name
+    observed = {s.name: s.value for f in families.values() for s in f.samples if s.labels.get("model") == MODEL}
+    for name in ("modelport_request_duration_seconds_count", "modelport_queue_duration_seconds_count",
+                 "modelport_inference_duration_seconds_count", "modelport_batch_size_count",
+                 "modelport_decode_duration_seconds_count", "modelport_batches_total"):
+        assert observed.get(name, 0) >= 1, name
+    assert "modelport_requests_in_flight" in families and "modelport_queue_depth" in families

@@ -89,7 +89,7 @@ async def _load(app: Starlette, bundles, config: ServerConfig, decode_pool, metr
             serving = model.bundle.serving
             overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
             service = ModelService(model, decode_pool=decode_pool, serving=replace(serving, **overrides),
-                                   max_pixels=config.max_pixels, on_batch=metrics.observe_batch)
+                                   max_pixels=config.max_pixels, observer=metrics)
             service.start()
             metrics.queue_depth.labels(service.name).set_function(lambda b=service.batcher: b.queued)
             models.add(service)

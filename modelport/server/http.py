@@ -72,19 +72,20 @@ def begin(request: Request, service: ModelService) -> Timing:
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client goes away first.
 
-    A cancelled request leaves the batcher's queue untouched until its turn, and is then skipped:
-    a request nobody waits for is never computed. Call this after the body has been read.
+    A cancelled request stays in the batcher's queue until its turn and is then skipped: a
+    request nobody waits for is never computed. Call this after the body has been read.
     """
-    task = asyncio.ensure_future(work)
+    current = asyncio.current_task()
     watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(lambda w: None if w.cancelled() else current.cancel())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone() from None
+        raise
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientGone()
-    return task.result()
 
 
 class ClientGone(Exception):

@@ -42,5 +42,8 @@ class Metrics:
         for seconds in info.queue_s:
             queue.observe(seconds)
 
+    def observe_decode(self, model: str, seconds: float) -> None:
+        self.decode_duration.labels(model).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,8 @@ class Observe:
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # labels() takes a lock and builds a tuple on every call; the label sets are few.
+        self._children: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -51,6 +53,12 @@ class Observe:
             self.metrics.in_flight.dec()
             model = state.get("model")
             if model is not None:  # only model requests: health checks and metrics scrapes are noise
-                protocol = _protocol(scope["path"])
-                self.metrics.requests.labels(model, str(state["version"]), protocol, str(status)).inc()
-                self.metrics.request_duration.labels(model, protocol).observe(time.monotonic() - start)
+                key = (model, state["version"], _protocol(scope["path"]), status)
+                children = self._children.get(key)
+                if children is None:
+                    m = self.metrics
+                    children = self._children[key] = (
+                        m.requests.labels(model, str(key[1]), key[2], str(status)),
+                        m.request_duration.labels(model, key[2]))
+                children[0].inc()
+                children[1].observe(time.monotonic() - start)

@@ -40,7 +40,8 @@ def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config: Serv
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
         log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.exit_timeout_s,
-        timeout_keep_alive=5, limit_concurrency=None, server_header=False,
+        timeout_keep_alive=5, server_header=False,
+        proxy_headers=False,  # nothing to trust on loopback; a balancer in front brings its own
     )
     server = _Server(uv_config, app)
     app.state.stop = lambda: setattr(server, "should_exit", True)

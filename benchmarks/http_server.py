@@ -1,0 +1,132 @@
+"""Issue 3's figures: the HTTP server under closed-loop load, against the naive limit.
+
+    python benchmarks/http_server.py [--count 600]
+
+Starts `modelport serve` (default model) and a trivial-model server, drives them from this
+process with a raw keep-alive HTTP client at concurrency 1, 8 and 32, checks every response's
+label, and prints each figure as a ratio to L / L_lat measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import loadgen  # noqa: E402
+from common import NaiveLimit, peak_rss_mb, photo_files  # noqa: E402
+
+from modelport import default_model  # noqa: E402
+from modelport.model import Model  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], port: int, log: Path) -> tuple[subprocess.Popen, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "modelport", "serve", *args, "--port", str(port),
+                             "--log-level", "warning"], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.005)
+
+
+def multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"img.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=600, help="requests per concurrency level")
+    args = parser.parse_args()
+    bundle = default_model.ensure_default_model()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = photo_files(tmp / "photos")
+        datas = [p.read_bytes() for p in files]
+
+        naive = NaiveLimit(bundle)
+        naive.throughput(datas[:16])
+        limit, _ = naive.throughput([datas[i % len(datas)] for i in range(400)])
+        limit_lat = naive.latency_s(datas)
+        expected = [preds[0].label for preds in Model.load(bundle).classify(datas, 1)]
+        del naive
+
+        requests = []
+        for data, label in zip(datas, expected):
+            body, content_type = multipart(data)
+            raw = loadgen.request_bytes("POST", "/?k=1", body, {"Content-Type": content_type})
+            requests.append((raw, lambda b, label=label: json.loads(b)[0][0] == label))
+
+        port = free_port()
+        proc, ready_s = start_server([], port, tmp / "server.log")
+        loadgen.run(port, requests, concurrency=4, count=48)  # warm every thread and connection path
+        results = {c: loadgen.run(port, requests, concurrency=c, count=args.count) for c in (1, 8, 32)}
+        rss = peak_rss_mb(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
+
+        # The trivial model: HTTP, routing, JSON and batching cost with no image work.
+        sys_tests = Path(__file__).parent.parent / "tests"
+        sys.path.insert(0, str(sys_tests))
+        from conftest import make_tiny_bundle
+
+        make_tiny_bundle(tmp / "repo" / "tiny" / "1")
+        tiny_port = free_port()
+        tiny_proc, _ = start_server([str(tmp / "repo")], tiny_port, tmp / "tiny.log")
+        pixels = np.zeros((1, 3, 8, 8), np.float32).ravel().tolist()
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": pixels}]})
+        raw = loadgen.request_bytes("POST", "/v2/models/tiny/infer", body.encode(), {"Content-Type": "application/json"})
+        trivial_requests = [(raw, lambda b: b'"outputs"' in b)]
+        loadgen.run(tiny_port, trivial_requests, concurrency=1, count=300)
+        trivial = loadgen.run(tiny_port, trivial_requests, concurrency=1, count=3000)
+        tiny_proc.terminate()
+        tiny_proc.wait(timeout=60)
+
+    print(f"machine: {os.cpu_count()} cores; {len(datas)} distinct JPEGs (200-640 px), {args.count} requests per level,")
+    print("article upload API (multipart), every response's top-1 label checked")
+    print(f"L (naive limit, batch 8)     {limit:7.1f} img/s")
+    print(f"L_lat (naive, batch 1)       {limit_lat * 1000:7.2f} ms")
+    targets = {1: 0.85, 8: 1.3, 32: 1.4}
+    for c, r in results.items():
+        print(f"C={c:<3d} throughput {r.throughput:7.1f} img/s = {r.throughput / limit:.2f} x L (target >= {targets[c]})"
+              f"   p50 {r.p50 * 1000:6.2f} ms  p99 {r.percentile(99) * 1000:6.2f} ms"
+              f"   errors {r.errors}  wrong labels {r.wrong}")
+    c1 = results[1]
+    print(f"C=1 p50 / L_lat = {c1.p50 / limit_lat:.2f} (target <= 0.7)   p99 / L_lat = "
+          f"{c1.percentile(99) / limit_lat:.2f} (target <= 1.0)")
+    print(f"trivial model round trip (C=1, 3000 requests): p50 {trivial.p50 * 1000:.3f} ms = "
+          f"{trivial.p50 * 1000 / 0.5:.2f} x the 0.5 ms target; p99 {trivial.percentile(99) * 1000:.3f} ms")
+    print(f"server peak RSS {rss:.0f} MB = {rss / 300:.2f} x the 300 MB target")
+    print(f"ready after start {ready_s:.2f} s = {ready_s / 1.5:.2f} x the 1.5 s target")
+
+
+if __name__ == "__main__":
+    main()
