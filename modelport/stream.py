@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from modelport.errors import ModelportError
+from modelport.imaging import lower_priority
 from modelport.model import Model
 
 _EOF = None
@@ -26,7 +27,7 @@ def classify_stream(model: Model, lines: Iterable[str], emit: Callable[[dict], N
     """Classify every path in ``lines``; call ``emit`` once per input, in order. Returns the failure count."""
     pending: queue.Queue = queue.Queue(maxsize=window)  # bounds memory: at most `window` decoded crops
     failures = 0
-    with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(decode_workers, thread_name_prefix="decode", initializer=lower_priority) as pool:
         reader = threading.Thread(target=_read, args=(model, lines, pool, pending), daemon=True, name="stdin")
         reader.start()
         done = False

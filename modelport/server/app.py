@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modelport.errors import ModelportError, Unavailable
+from modelport.imaging import lower_priority
 from modelport.model import Model
 from modelport.server import kserve, tfserving, upload
 from modelport.server.config import ServerConfig
@@ -48,7 +49,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
+                                         initializer=lower_priority)
         loading = asyncio.get_running_loop().create_task(_load(app, bundles, config, decode_pool, metrics))
         try:
             yield
