@@ -1,3 +1,18 @@
 """modelport: put a trained image model into production in minutes."""
 
 __version__ = "0.1.0"
+
+__all__ = ["AsyncClient", "Client", "Prediction"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `import modelport` stays cheap for the CLI and the server.
+    if name in ("Client", "AsyncClient"):
+        from modelport import client
+
+        return getattr(client, name)
+    if name == "Prediction":
+        from modelport.predictions import Prediction
+
+        return Prediction
+    raise AttributeError(f"module 'modelport' has no attribute {name!r}")

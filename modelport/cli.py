@@ -109,6 +109,7 @@ def build_default() -> None:
 @click.argument("source", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines.")
 @click.option("--port", "-p", type=int, default=12480, show_default=True)
+@click.option("--zmq-port", type=int, default=None, help="Also serve the same models over ZeroMQ on this port (e.g. 12490).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help="Override every bundle's [serving] max_batch_size.")
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=None, help="Longest a request waits for batch companions.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=None, help="Requests waiting per model before 503.")
@@ -120,7 +121,7 @@ def build_default() -> None:
               help="On SIGTERM, longest wait for in-flight requests.")
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(source: str | None, host: str, port: int, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
+def serve(source: str | None, host: str, port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
           max_body_mb, max_pixels, exit_timeout_s, runtime_threads, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
@@ -139,7 +140,7 @@ def serve(source: str | None, host: str, port: int, max_batch_size, max_delay_ms
         def bundles():
             return found
     config = ServerConfig(
-        host=host, port=port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
+        host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, runtime_threads=runtime_threads, log_level=log_level,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size),
         **({"max_pixels": max_pixels} if max_pixels else {}),

@@ -102,8 +102,8 @@ def make_tiny_bundle(directory: Path, *, classes: int = 4, size: int = 8, dtype:
 @pytest.fixture(scope="session")
 def default_server(default_bundle, tmp_path_factory):
     """One real server with the default model for the protocol tests."""
-    from servers import Server
+    from servers import Server, free_port
 
-    server = Server(log=tmp_path_factory.mktemp("logs") / "default.log").wait_ready()
+    server = Server(log=tmp_path_factory.mktemp("logs") / "default.log", zmq_port=free_port()).wait_ready()
     yield server
     server.stop()

@@ -52,12 +52,23 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config:
         decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
                                          initializer=lower_priority)
         loading = asyncio.get_running_loop().create_task(_load(app, bundles, config, decode_pool, metrics))
+        rpc = None
+        if config.zmq_port is not None:
+            from modelport.rpc import RpcServer
+
+            rpc = RpcServer(lambda: app.state.models, address=f"tcp://{config.host}:{config.zmq_port}",
+                            max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
+            rpc.start()
+            logger.info("ZeroMQ on %s", rpc.address)
         try:
             yield
         finally:
             # Shutdown order: not ready -> (uvicorn has stopped accepting and finished in-flight
-            # requests) -> drain every batcher -> unload models.
+            # HTTP requests) -> ZeroMQ stops taking requests and finishes its own -> drain every
+            # batcher -> unload models.
             app.state.ready = False
+            if rpc is not None:
+                await rpc.close(config.exit_timeout_s)
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loading

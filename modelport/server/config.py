@@ -23,6 +23,7 @@ class BatchingOverrides:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    zmq_port: int | None = None  # ZeroMQ front-end beside HTTP, same host and models; None = off
     max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_json_depth: int = 32

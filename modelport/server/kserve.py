@@ -255,7 +255,7 @@ def _base64(element: Any, name: str) -> bytes:
 
 def _classification(service: ModelService, values: np.ndarray, k: int) -> np.ndarray:
     rows = service.model.top_k(service.model.probabilities(values), k)
-    return np.array([[f"{p.score:f}:{p.index}:{p.label}" for p in row] for row in rows], dtype=object)
+    return np.array([[f"{p.score!r}:{p.index}:{p.label}" for p in row] for row in rows], dtype=object)
 
 
 def _encode_output(name: str, value: np.ndarray, binary: bool) -> tuple[dict, bytes | None]:

@@ -1,0 +1,149 @@
+"""The ZeroMQ front-end: a ROUTER socket feeding the same model services as HTTP.
+
+Frame layout: ``modelport/wire.py``. Runs on the server's event loop; every request is its own
+task, so many are in flight on one socket, and replies go back in completion order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from modelport import wire
+from modelport.errors import BadInput, ModelportError, PayloadTooLarge
+from modelport.service import ModelService, ModelSet, Timing
+
+logger = logging.getLogger("modelport.rpc")
+
+_OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of the HTTP limit
+
+
+class RpcServer:
+    def __init__(self, models: Callable[[], ModelSet], *, address: str, max_body_bytes: int, timeout_ms: float,
+                 metrics=None) -> None:
+        self._models = models
+        self._timeout_ms = timeout_ms
+        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        # Over this, ZeroMQ drops the message and disconnects the sender: nothing is buffered.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_body_bytes + _OVERHEAD_BYTES)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a peer that left is dropped quietly
+        self._socket.bind(address)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._tasks: set[asyncio.Task] = set()
+        self._receiver: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._receiver = asyncio.get_running_loop().create_task(self._receive(), name="zmq-receive")
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop taking requests, let those in flight finish (at most ``timeout_s``), close the socket."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
+        self._socket.close()
+        self._context.term()
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=True)
+            if len(frames) != 2:  # identity + one payload frame; anything else is not our protocol
+                if frames:
+                    await self._reply(frames[0], {"id": None, "ok": False,
+                                                  "error": wire.error_to_wire(BadInput("expected exactly one frame"))})
+                continue
+            task = asyncio.ensure_future(self._handle(frames[0], frames[1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, identity: bytes, frame: bytes) -> None:
+        start = time.monotonic()
+        request_id = None
+        service = None
+        try:
+            if len(frame) > self._max_body_bytes:
+                raise PayloadTooLarge(f"message of {len(frame)} bytes is over the limit of {self._max_body_bytes}")
+            try:
+                request = wire.unpack(frame)
+            except Exception:  # msgpack raises a family of errors for bad bytes
+                raise BadInput("frame is not msgpack") from None
+            if not isinstance(request, dict):
+                raise BadInput("frame must hold a msgpack map")
+            request_id = request.get("id")
+            op = request.get("op")
+            if op == "ping":
+                reply = {"id": request_id, "ok": True}
+            else:
+                service = self._models().get(request["model"], request.get("version")) if request.get("model") \
+                    else self._models().default()
+                reply = await self._infer(service, op, request)
+            status = 200
+        except ModelportError as exc:
+            reply = {"id": request_id, "ok": False, "error": wire.error_to_wire(exc)}
+            status = exc.status
+        except Exception:
+            error_id = uuid.uuid4().hex
+            logger.exception("zmq request %s failed", error_id)
+            reply = {"id": request_id, "ok": False,
+                     "error": {"kind": "internal", "status": 500, "message": f"internal error (request id {error_id})"}}
+            status = 500
+        await self._reply(identity, reply)
+        if service is not None and self._metrics is not None:
+            self._metrics.requests.labels(service.name, str(service.version), "zmq", str(status)).inc()
+            self._metrics.request_duration.labels(service.name, "zmq").observe(time.monotonic() - start)
+
+    async def _infer(self, service: ModelService, op: Any, request: dict) -> dict:
+        timing = Timing()
+        timeout_ms = self._timeout_ms
+        if "timeout_ms" in request:
+            requested = request["timeout_ms"]
+            if not isinstance(requested, (int, float)) or isinstance(requested, bool) or requested <= 0:
+                raise BadInput(f"timeout_ms must be a positive number, got {requested!r}")
+            timeout_ms = min(timeout_ms, requested)
+        deadline = timing.arrived + timeout_ms / 1000
+        images = request.get("images")
+        if images is not None and (not isinstance(images, list) or not all(isinstance(i, bytes) for i in images)):
+            raise BadInput("images must be a list of byte strings", input_name="images")
+        if op == "classify":
+            if images is None:
+                raise BadInput("classify needs images", input_name="images")
+            k = request.get("top_k")
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+                raise BadInput(f"top_k must be a positive integer, got {k!r}")
+            rows = await service.classify(images, k=k, deadline=deadline, timing=timing, input_name="images")
+            return {"id": request.get("id"), "ok": True, "model": service.name, "version": str(service.version),
+                    "predictions": [[[p.label, p.index, p.score] for p in row] for row in rows]}
+        if op != "infer":
+            raise BadInput(f"unknown op {op!r}; expected one of {', '.join(wire.PROTOCOL_OPS)}")
+        names = request.get("outputs")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise BadInput("outputs must be a list of output names")
+        names = service.resolve_outputs(names)
+        if images is not None:
+            outputs = await service.infer_images(images, deadline=deadline, timing=timing, input_name="images")
+        else:
+            inputs = request.get("inputs")
+            graph_input = service.model.input.name
+            if not isinstance(inputs, dict) or list(inputs) != [graph_input]:
+                raise BadInput(f"infer needs images, or inputs with exactly {graph_input!r}")
+            array = wire.tensor_from_wire(inputs[graph_input], graph_input)
+            outputs = await service.infer_tensor(array, deadline=deadline, timing=timing)
+        return {"id": request.get("id"), "ok": True, "model": service.name, "version": str(service.version),
+                "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}}
+
+    async def _reply(self, identity: bytes, reply: dict) -> None:
+        try:
+            await self._socket.send_multipart([identity, wire.pack(reply)])
+        except zmq.ZMQError as exc:  # the socket is closing, or the peer vanished
+            logger.debug("zmq reply dropped: %s", exc)
