@@ -27,6 +27,7 @@ class TensorSpec:
 
 class Runtime(Protocol):
     platform: str
+    pure_compute: bool  # optional; True lets the server run very fast batches on its event loop
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

@@ -21,6 +21,7 @@ _ORT_TO_V2 = {
 
 class OnnxRuntime:
     platform = "onnx_onnxv1"
+    pure_compute = True  # time grows with the input, never waits on I/O: tiny models may run inline
 
     def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
         options = ort.SessionOptions()
