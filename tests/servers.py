@@ -61,8 +61,11 @@ def make_gate_bundle(directory: Path, **serving) -> Path:
 
 
 class Gate:
+    """Create after the server is ready: ``batches()`` then counts only requests, not the warm-up."""
+
     def __init__(self, bundle: Path) -> None:
         self.bundle = bundle
+        self._skip = len(self._all())
 
     def close(self) -> None:
         (self.bundle / "gate").touch()
@@ -71,6 +74,10 @@ class Gate:
         (self.bundle / "gate").unlink(missing_ok=True)
 
     def batches(self) -> list[int]:
+        """Rows of every batch the model ran since this gate was made."""
+        return self._all()[self._skip:]
+
+    def _all(self) -> list[int]:
         log = self.bundle / "executed.log"
         return [int(n) for n in log.read_text().split()] if log.exists() else []
 

@@ -142,8 +142,8 @@ def test_timeout_then_fresh_socket(tmp_path):
 
 def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):
     bundle = make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1, max_queue_size=2, max_delay_ms=0)
-    gate = Gate(bundle)
     server = Server(str(tmp_path / "repo"), log=tmp_path / "server.log", zmq_port=free_port()).wait_ready()
+    gate = Gate(bundle)
     pixels = np.zeros((1, 8, 8, 3), np.uint8)
     try:
         gate.close()
@@ -151,7 +151,7 @@ def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):
         with ThreadPoolExecutor(3) as pool:
             running = pool.submit(clients[0].infer, "gate", {"image": pixels})
             deadline = time.monotonic() + 10
-            while len(gate.batches()) < 2 and time.monotonic() < deadline:
+            while len(gate.batches()) < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             queued = [pool.submit(c.infer, "gate", {"image": pixels}) for c in clients[1:3]]
             time.sleep(0.3)  # let both reach the queue

@@ -51,7 +51,7 @@ def gated(tmp_path):
     """A server over the gate model: max_batch_size 1, a queue of 4, open gate."""
     bundle = make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1, max_queue_size=4, max_delay_ms=0)
     server = Server(str(tmp_path / "repo"), "--max-body-mb", "0.01", log=tmp_path / "server.log").wait_ready()
-    yield server, Gate(bundle)
+    yield server, Gate(bundle)  # made after ready: counts requests only
     Gate(bundle).open()
     server.stop()
 
@@ -92,7 +92,7 @@ def test_queue_full_is_refused_fast_while_queued_requests_complete(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 2)  # warm-up + the held request
+        wait_for(lambda: len(gate.batches()) == 1)  # the held request is in the model
         queued = [pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels)) for _ in range(4)]
         wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 4)
         start = time.monotonic()
@@ -111,7 +111,7 @@ def test_deadline_passed_in_queue_is_504_without_compute(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 2)
+        wait_for(lambda: len(gate.batches()) == 1)
         late = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels),
                            headers={"X-Request-Timeout-Ms": "50"})
         wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 1)
@@ -120,7 +120,7 @@ def test_deadline_passed_in_queue_is_504_without_compute(gated):
         assert running.result().status_code == 200
         response = late.result()
         assert response.status_code == 504 and "not computed" in response.json()["error"]
-    assert len(gate.batches()) == 2  # warm-up + the first request: the late one never ran
+    assert len(gate.batches()) == 1  # only the first request: the late one never ran
 
 
 def test_deadline_header_cannot_raise_the_server_default_and_must_be_a_number(gated):
@@ -140,13 +140,13 @@ def test_client_that_disconnects_while_queued_is_never_executed(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 2)
+        wait_for(lambda: len(gate.batches()) == 1)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=0.3)
         wait_for(lambda: metric(server.url, "modelport_requests_total", model="gate", status="499") == 1)
         gate.open()
         assert running.result().status_code == 200
-    assert len(gate.batches()) == 2
+    assert len(gate.batches()) == 1
 
 
 def test_body_limit_boundary_and_chunked_bodies(gated):
@@ -187,7 +187,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(gated):
     with ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
                     for _ in range(4)]
-        wait_for(lambda: len(gate.batches()) == 2 and metric(server.url, "modelport_queue_depth", model="gate") == 3)
+        wait_for(lambda: len(gate.batches()) == 1 and metric(server.url, "modelport_queue_depth", model="gate") == 3)
         server.signal(signal.SIGTERM)
         time.sleep(0.2)  # the server is now draining with requests held by the gate
         assert server.proc.poll() is None
@@ -202,7 +202,7 @@ def test_second_signal_forces_exit(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(1) as pool:
         stuck = pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
-        wait_for(lambda: len(gate.batches()) == 2)
+        wait_for(lambda: len(gate.batches()) == 1)
         server.signal(signal.SIGTERM)
         time.sleep(0.2)
         assert server.proc.poll() is None  # waiting for the held request
