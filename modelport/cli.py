@@ -96,6 +96,55 @@ def classify(images: tuple[Path, ...], model_ref: str | None, top_k: int | None,
     sys.exit(1 if failures else 0)
 
 
+@main.command()
+@click.argument("data", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name: the bundle goes to OUTPUT/NAME/<next version>.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("models"),
+              show_default=True, help="Repository directory to write the new version into.")
+@click.option("--backbone", default=None, help="Backbone model with a 'features' output. Default: efficientnet-lite0.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
+@click.option("--min-per-class", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--confusion-png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the validation confusion matrix into this PNG.")
+def retrain(data: Path, name: str, output: Path, backbone: str | None, val_fraction: float, seed: int,
+            min_per_class: int, confusion_png: Path | None) -> None:
+    """Fine-tune the backbone on DATA (one sub-directory of images per class) into a new bundle version."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from modelport.retrain import retrain as run_retrain
+    from modelport.retrain.report import confusion_png as draw, render
+
+    console = Console(stderr=True)
+    columns = (TextColumn("features"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("features", total=None, rate="-")
+        started = [None]
+
+        def progress(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            started[0] = started[0] or now
+            rate = done / (now - started[0]) if now > started[0] else 0
+            bar.update(task, completed=done, total=total, rate=f"{rate:.0f}")
+
+        result = run_retrain(data, name=name, output=output, backbone=backbone, val_fraction=val_fraction,
+                             seed=seed, min_per_class=min_per_class, progress=progress)
+    x = result.extraction
+    console.print(f"{x.computed} images computed, {x.cache_hits} from the feature cache, "
+                  f"{len(x.unreadable)} unreadable skipped, in {x.seconds:.1f} s")
+    for path, why in list(result.skipped.items())[:10]:
+        console.print(f"  skipped {path}: {why}")
+    render(result.report, console)
+    if confusion_png:
+        draw(result.report, confusion_png)
+        console.print(f"confusion matrix drawn to {confusion_png}")
+    click.echo(result.bundle)
+
+
 @main.command("build-default")
 def build_default() -> None:
     """Build the default model (EfficientNet-Lite0, ImageNet) into the cache and print its path."""
