@@ -44,10 +44,11 @@ class RetrainResult:
 
 
 def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | None = None,
-            val_fraction: float = 0.1, seed: int = 0, min_per_class: int = 5,
+            val_fraction: float = 0.1, seed: int = 0, min_per_class: int = 5, cache_dir: str | Path | None = None,
             progress: Callable[[int, int], None] | None = None) -> RetrainResult:
     """Train a head on ``data`` (one sub-directory per class) and write ``output/name/<next version>``.
 
+    Features are cached in ``cache_dir`` (default ``$MODELPORT_HOME/features``), per backbone.
     ``progress(done, total)`` is called as feature extraction advances.
     """
     try:
@@ -59,7 +60,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
     data, output = Path(data), Path(output)
     split = dataset_module.scan(data, val_fraction=val_fraction, seed=seed, min_per_class=min_per_class)
     model = Model.load(repository.resolve(backbone))
-    cache = FeatureCache(default_model.model_home() / "features" / backbone_id(model))
+    cache = FeatureCache(Path(cache_dir or default_model.model_home() / "features") / backbone_id(model))
 
     examples = split.train + split.val
     done = 0
