@@ -82,8 +82,7 @@ class Batcher(Generic[T, R]):
         return _Admission(self)
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None) -> R:
-        if self._closing:
-            raise Unavailable("model is unloading", retry_after_s=1)
+        # No closing check here: a request admitted before close() began is still served.
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(item, rows, future, deadline))
         self._wakeup.set()
@@ -92,7 +91,7 @@ class Batcher(Generic[T, R]):
         return await future
 
     async def close(self) -> None:
-        """Finish everything queued, then stop. New submissions are refused from now on."""
+        """Refuse new admissions; finish everything admitted or queued; then stop."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:

@@ -156,6 +156,13 @@ def build_default() -> None:
 
 @main.command()
 @click.argument("source", required=False)
+@click.option("--repository", "repository_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A model repository (<name>/<version>/...) to serve and follow: the same as giving it as SOURCE.")
+@click.option("--watch/--no-watch", default=True, show_default=True,
+              help="Follow the repository: load new versions and unload removed ones while serving.")
+@click.option("--admin-token", envvar="MODELPORT_ADMIN_TOKEN", default=None,
+              help="Enables the V2 repository API (index, load, unload) for requests bearing this token. "
+                   "Also read from $MODELPORT_ADMIN_TOKEN.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines.")
 @click.option("--port", "-p", type=int, default=12480, show_default=True)
 @click.option("--zmq-port", type=int, default=None, help="Also serve the same models over ZeroMQ on this port (e.g. 12490).")
@@ -170,31 +177,45 @@ def build_default() -> None:
               help="On SIGTERM, longest wait for in-flight requests.")
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(source: str | None, host: str, port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
+def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
+          port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
           max_body_mb, max_pixels, exit_timeout_s, runtime_threads, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
-    Without SOURCE, serves the default model (efficientnet-lite0) on 127.0.0.1:12480.
+    A repository is followed while serving (new versions load, then take traffic; removed ones
+    drain and unload). Without SOURCE, serves the default model (efficientnet-lite0) on
+    127.0.0.1:12480.
     """
     from modelport import default_model, repository
+    from modelport.bundle import CONFIG_FILE
+    from modelport.errors import NotFound
     from modelport.server.config import BatchingOverrides, ServerConfig
     from modelport.server.run import serve as run_server
 
-    if source is None:
+    if source and repository_dir:
+        raise click.UsageError("give SOURCE or --repository, not both")
+    root = repository_dir or (Path(source) if source else None)
+    bundles = None
+    if root is None:
         def bundles():
             return {default_model.NAME: default_model.ensure_default_model()}
-    else:
-        found = repository.scan(Path(source))  # a bad path fails here, before the port is taken
+    elif not root.is_dir():
+        raise NotFound(f"{root}: no such directory")
+    elif (root / CONFIG_FILE).is_file() or repository.versions(root):
+        found = repository.scan(root)  # one bundle, or one model's highest version: served as is
 
         def bundles():
             return found
     config = ServerConfig(
         host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, runtime_threads=runtime_threads, log_level=log_level,
-        batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size),
+        batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )
-    run_server(bundles, config)
+    if bundles is None:
+        run_server(None, config, repository=root, watch=watch)
+    else:
+        run_server(bundles, config)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,23 @@ class PayloadTooLarge(ModelportError):
     kind = "too_large"
 
 
+class Unauthorized(ModelportError):
+    """The management API was called without the right token."""
+
+    status = 401
+    kind = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="modelport"'}
+
+
+class Forbidden(ModelportError):
+    """The management API is switched off."""
+
+    status = 403
+    kind = "forbidden"
+
+
 class NotFound(ModelportError):
     """Unknown model or version."""
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelport import default_model
 from modelport.bundle import CONFIG_FILE
-from modelport.errors import NotFound
+from modelport.errors import BundleError, NotFound
 
 
 def resolve(ref: str | None) -> Path:
@@ -64,3 +66,87 @@ def scan(repository: Path) -> dict[str, Path]:
 
 def _bundle_name(path: Path) -> str:
     return path.parent.name if path.name.isdigit() else path.name
+
+
+# -- a watched repository: per-model configuration and version policy ------------------------------
+
+MODEL_CONFIG = "model.toml"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``<repository>/<model>/model.toml`` (optional)::
+
+        version_policy = { latest = 2 }     # default { latest = 1 }; or { all = true }; or { specific = [3, 5] }
+        [labels]
+        stable = 6
+        canary = 7
+
+    Versions named by a label are loaded too, whatever the policy.
+    """
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def wanted(self, available: list[int]) -> set[int]:
+        if self.all:
+            chosen = set(available)
+        elif self.specific:
+            chosen = set(self.specific) & set(available)
+        else:
+            chosen = set(sorted(available)[-self.latest:]) if self.latest else set()
+        return chosen | (set(self.labels.values()) & set(available))
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / MODEL_CONFIG
+    if not path.is_file():
+        return ModelConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(raw) - {"version_policy", "labels"}
+    if unknown:
+        raise BundleError(f"{path}: unknown key {sorted(unknown)[0]}")
+    policy = raw.get("version_policy", {"latest": 1})
+    if not isinstance(policy, dict) or len(policy) != 1:
+        raise BundleError(f"{path}: version_policy must be one of {{latest = N}}, {{all = true}}, {{specific = [...]}}")
+    (kind, value), = policy.items()
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                               for v in labels.values()):
+        raise BundleError(f"{path}: labels must map names to version numbers")
+    for label in labels:
+        if label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
+            raise BundleError(f"{path}: label {label!r} must be a word, not a number")
+    if kind == "latest" and isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return ModelConfig(latest=value, labels=labels)
+    if kind == "all" and value is True:
+        return ModelConfig(latest=None, all=True, labels=labels)
+    if kind == "specific" and isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value):
+        return ModelConfig(latest=None, specific=tuple(value), labels=labels)
+    raise BundleError(f"{path}: version_policy {policy!r} is not {{latest = N >= 1}}, {{all = true}} or "
+                      f"{{specific = [N, ...]}}")
+
+
+def signature(version_dir: Path) -> tuple:
+    """Names, sizes and modification times of a version's files: unchanged means settled."""
+    entries = []
+    for path in sorted(version_dir.rglob("*")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((str(path.relative_to(version_dir)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+def escapes(root: Path, path: Path) -> bool:
+    """True if ``path`` (a symlink, or under one) resolves outside ``root``."""
+    try:
+        return not path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return True

@@ -17,7 +17,8 @@ import zmq.asyncio
 
 from modelport import wire
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
-from modelport.service import ModelService, ModelSet, Timing
+from modelport.registry import Registry
+from modelport.service import ModelService, Timing
 
 logger = logging.getLogger("modelport.rpc")
 
@@ -25,7 +26,7 @@ _OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of th
 
 
 class RpcServer:
-    def __init__(self, models: Callable[[], ModelSet], *, address: str, max_body_bytes: int, timeout_ms: float,
+    def __init__(self, models: Callable[[], Registry], *, address: str, max_body_bytes: int, timeout_ms: float,
                  metrics=None) -> None:
         self._models = models
         self._timeout_ms = timeout_ms

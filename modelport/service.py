@@ -15,7 +15,7 @@ import numpy as np
 
 from modelport.batching import Batcher, BatchInfo
 from modelport.bundle import Serving
-from modelport.errors import BadInput, DeadlineExceeded, NotFound
+from modelport.errors import BadInput, DeadlineExceeded
 from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
 from modelport.model import Model
 from modelport.predictions import Prediction
@@ -219,32 +219,3 @@ class ModelService:
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("deadline passed before compute; not computed")
-
-
-class ModelSet:
-    """The models a server holds, by name; one version each for now (the highest found)."""
-
-    def __init__(self) -> None:
-        self._services: dict[str, ModelService] = {}
-
-    def add(self, service: ModelService) -> None:
-        self._services[service.name] = service
-
-    def get(self, name: str, version: str | int | None = None) -> ModelService:
-        service = self._services.get(name)
-        if service is None:
-            raise NotFound(f"unknown model {name!r}")
-        if version is not None and str(version) != str(service.version):
-            raise NotFound(f"model {name!r} has no version {version!r} (serving version {service.version})")
-        return service
-
-    def default(self) -> ModelService:
-        if not self._services:
-            raise NotFound("no model loaded")
-        return next(iter(self._services.values()))
-
-    def __iter__(self):
-        return iter(list(self._services.values()))
-
-    def __len__(self) -> int:
-        return len(self._services)

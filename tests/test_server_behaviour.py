@@ -252,9 +252,25 @@ def test_readiness_is_503_while_models_load(tmp_path):
         assert client.get("/v2/models/tiny").status_code == 200
 
 
-def test_bad_repository_fails_start_with_a_clear_message(tmp_path):
-    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
-    (tmp_path / "repo" / "broken" / "1" / "modelport.toml").write_text("runtime = 'tensorflow'\n")
-    server = Server(str(tmp_path / "repo"), log=tmp_path / "server.log")
+def test_bad_single_bundle_fails_start_with_a_clear_message(tmp_path):
+    bundle = tmp_path / "broken" / "1"
+    bundle.mkdir(parents=True)
+    (bundle / "modelport.toml").write_text("runtime = 'tensorflow'\n")
+    server = Server(str(bundle), log=tmp_path / "server.log")
     assert server.proc.wait(timeout=30) == 2
     assert "unknown runtime 'tensorflow'" in server.log.read_text()
+
+
+def test_bad_version_in_a_repository_is_failed_and_the_server_stays_up(tmp_path):
+    make_tiny_bundle(tmp_path / "repo" / "tiny" / "1")
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "1" / "modelport.toml").write_text("runtime = 'tensorflow'\n")
+    server = Server(str(tmp_path / "repo"), log=tmp_path / "server.log").wait_ready()
+    try:
+        status = httpx.get(server.url + "/v1/models/broken").json()["model_version_status"][0]
+        assert status["state"] == "END" and "unknown runtime 'tensorflow'" in status["status"]["error_message"]
+        assert httpx.get(server.url + "/v2/models/tiny/ready").status_code == 200
+        assert httpx.get(server.url + "/v2/models/broken/ready").status_code == 404
+        assert metric(server.url, "modelport_model_state", model="broken", state="FAILED") == 1
+    finally:
+        server.stop()

@@ -11,21 +11,24 @@ from pathlib import Path
 from typing import Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from modelport.errors import ModelportError, Unavailable
+from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.model import Model
 from modelport.server import kserve, tfserving, upload
 from modelport.server.config import ServerConfig
-from modelport.server.http import ClientGone, error_response, internal_error
+from modelport.server.http import ClientGone, error_response, internal_error, json_response
 from modelport.server.limits import BodyLimit
 from modelport.server.metrics import CONTENT_TYPE, Metrics
 from modelport.server.observe import Observe
-from modelport.service import ModelService, ModelSet
+from modelport.registry import READY, Registry
+from modelport.reload import Reloader
+from modelport.service import ModelService
 
 logger = logging.getLogger("modelport.server")
 
@@ -38,25 +41,43 @@ async def _modelport_error(request: Request, exc: ModelportError) -> Response:
     return error_response(exc)
 
 
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    # Starlette's own 404 (no such route) and 405, in the JSON error shape of every other error.
+    return json_response({"error": exc.detail}, exc.status_code, exc.headers)
+
+
 async def _client_gone(request: Request, exc: ClientGone) -> Response:
     return Response(status_code=499)  # nobody reads it; logged in metrics as 499, nginx's "client closed"
 
 
-def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config: ServerConfig) -> Starlette:
-    """``bundles``: model name -> version directory, or a function that finds them (run at start-up,
-    off the event loop, so that building the default model does not delay the health endpoints)."""
+def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, config: ServerConfig, *,
+               repository: Path | None = None, watch: bool = True) -> Starlette:
+    """Serve fixed ``bundles`` (model name -> version directory, or a function that finds them,
+    run at start-up off the event loop so that building the default model does not delay the
+    health endpoints), or a ``repository`` directory kept in step by the hot reloader."""
     metrics = Metrics()
+    registry = Registry(observer=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
                                          initializer=lower_priority)
-        loading = asyncio.get_running_loop().create_task(_load(app, bundles, config, decode_pool, metrics))
+
+        async def load(name: str, path: Path) -> ModelService:
+            return await _load_service(name, path, config, decode_pool, metrics)
+
+        if repository is not None:
+            app.state.reloader = Reloader(repository, registry, load, settle_s=config.settle_s,
+                                          poll_s=config.poll_s, watch=watch)
+            loading = asyncio.get_running_loop().create_task(_run_reloader(app, app.state.reloader))
+        else:
+            app.state.reloader = None
+            loading = asyncio.get_running_loop().create_task(_load_static(app, bundles, registry, load))
         rpc = None
         if config.zmq_port is not None:
             from modelport.rpc import RpcServer
 
-            rpc = RpcServer(lambda: app.state.models, address=f"tcp://{config.host}:{config.zmq_port}",
+            rpc = RpcServer(lambda: registry, address=f"tcp://{config.host}:{config.zmq_port}",
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
@@ -64,16 +85,16 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config:
             yield
         finally:
             # Shutdown order: not ready -> (uvicorn has stopped accepting and finished in-flight
-            # HTTP requests) -> ZeroMQ stops taking requests and finishes its own -> drain every
-            # batcher -> unload models.
+            # HTTP requests) -> ZeroMQ stops taking requests and finishes its own -> stop
+            # following the repository -> drain every batcher -> unload models.
             app.state.ready = False
             if rpc is not None:
                 await rpc.close(config.exit_timeout_s)
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loading
-            for service in app.state.models:
-                await service.close()
+            for service in registry.services():
+                await registry.retire(service.name, service.version)
             decode_pool.shutdown(wait=True)
 
     routes = [Route("/", upload.predict, methods=["POST"]),
@@ -82,50 +103,64 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Observe, metrics=metrics), Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
-        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone, Exception: internal_error},
+        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone,
+                            HTTPException: _http_exception, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.config = config
     app.state.metrics = metrics
-    app.state.models = _Loading()
+    app.state.models = registry
     app.state.ready = False
     return app
 
 
-async def _load(app: Starlette, bundles, config: ServerConfig, decode_pool, metrics: Metrics) -> None:
+async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, metrics: Metrics) -> ModelService:
+    loop = asyncio.get_running_loop()
+    model = await loop.run_in_executor(None, lambda: Model.load(path, name=name, threads=config.runtime_threads))
+    overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
+    service = ModelService(model, decode_pool=decode_pool, serving=replace(model.bundle.serving, **overrides),
+                           max_pixels=config.max_pixels, observer=metrics)
+    service.start()
+    metrics.queue_depth.labels(service.name).set_function(lambda b=service.batcher: b.queued)
+    return service
+
+
+async def _load_static(app: Starlette, bundles, registry: Registry, load) -> None:
     loop = asyncio.get_running_loop()
     try:
         found = bundles if isinstance(bundles, dict) else await loop.run_in_executor(None, bundles)
-        models = ModelSet()
         for name, path in found.items():
-            model = await loop.run_in_executor(None, lambda: Model.load(path, name=name, threads=config.runtime_threads))
-            serving = model.bundle.serving
-            overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
-            service = ModelService(model, decode_pool=decode_pool, serving=replace(serving, **overrides),
-                                   max_pixels=config.max_pixels, observer=metrics)
-            service.start()
-            metrics.queue_depth.labels(service.name).set_function(lambda b=service.batcher: b.queued)
-            models.add(service)
+            service = await load(name, path)
+            registry.set_state(service.name, service.version, READY, service=service)
             logger.info("loaded %s version %s from %s", service.name, service.version, path)
     except Exception as exc:
-        if isinstance(exc, ModelportError):
-            logger.error("cannot start: %s", exc.message)
-        else:
-            logger.exception("loading models failed")
-        app.state.load_failed = True
-        if stop := getattr(app.state, "stop", None):
-            stop()
+        _start_failed(app, exc)
         return
-    app.state.models = models
+    registry.ready = True
     app.state.ready = True
-    logger.info("ready: %d model(s)", len(models))
+    logger.info("ready: %d model(s)", len(registry))
 
 
-class _Loading(ModelSet):
-    """Stands in for the models while they load: every model request gets 503 + Retry-After."""
+async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
+    task = asyncio.ensure_future(reloader.run())
+    try:
+        while not reloader.registry.ready:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+    except Exception as exc:
+        _start_failed(app, exc)
+        return
+    app.state.ready = True
+    logger.info("ready: %d model version(s) from %s", len(reloader.registry), reloader.root)
+    await task
 
-    def get(self, name, version=None):
-        raise Unavailable("models are still loading", retry_after_s=1)
 
-    def default(self):
-        raise Unavailable("models are still loading", retry_after_s=1)
+def _start_failed(app: Starlette, exc: Exception) -> None:
+    if isinstance(exc, ModelportError):
+        logger.error("cannot start: %s", exc.message)
+    else:
+        logger.error("loading models failed", exc_info=exc)
+    app.state.load_failed = True
+    if stop := getattr(app.state, "stop", None):
+        stop()

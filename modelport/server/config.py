@@ -33,4 +33,7 @@ class ServerConfig:
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runtime_threads: int | None = None  # None: one per core
     batching: BatchingOverrides = BatchingOverrides()
+    settle_s: float = 0.5  # a version directory counts once its files stop changing for this long
+    poll_s: float = 1.0  # repository rescan interval, besides file-system events
+    admin_token: str | None = None  # enables the V2 repository API (index, load, unload); None = off
     log_level: str = "info"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import math
 import struct
 from typing import Any
@@ -19,14 +20,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import modelport
-from modelport.errors import BadInput
+from modelport.errors import BadInput, Forbidden, Unauthorized
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
 from modelport.service import ModelService
 
 ENCODED_INPUT = "image_bytes"
 BINARY_HEADER = "inference-header-content-length"
-EXTENSIONS = ["binary_tensor_data", "classification", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_repository"]
 
 
 # -- health and metadata ------------------------------------------------------------------------
@@ -56,7 +57,7 @@ async def model_metadata(request: Request) -> Response:
                "parameters": {"content": f"encoded image (JPEG, PNG, ...); an alternative to {model.input.name!r}"}}]
     return json_response({
         "name": service.name,
-        "versions": [str(service.version)],
+        "versions": [str(v) for v, s in request.app.state.models.versions(service.name).items() if s.state == "READY"],
         "platform": model.platform,
         "inputs": inputs,
         "outputs": [_tensor_meta(o) for o in model.runtime.outputs],
@@ -72,9 +73,11 @@ async def model_stats(request: Request) -> Response:
 # -- inference -----------------------------------------------------------------------------------
 
 async def infer(request: Request) -> Response:
+    body = await request.body()
+    # The version is picked after the body has arrived: a version switch during a slow upload
+    # sends the request to the new version instead of failing it.
     service = _service(request)
     timing = begin(request, service)
-    body = await request.body()
     header, binary = _split_binary(request, body)
     payload = parse_json(header)
     if not isinstance(payload, dict):
@@ -284,6 +287,48 @@ def _service(request: Request) -> ModelService:
     return request.app.state.models.get(params["model"], params.get("version"))
 
 
+# -- model repository extension (needs --admin-token) ---------------------------------------------
+
+def _authorise(request: Request) -> None:
+    token = request.app.state.config.admin_token
+    if token is None:
+        raise Forbidden("the model repository API is off; start the server with --admin-token to enable it")
+    offered = request.headers.get("authorization", "")
+    scheme, _, value = offered.partition(" ")
+    # Constant-time comparison: the time taken says nothing about how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+def _reloader(request: Request):
+    reloader = request.app.state.reloader
+    if reloader is None:
+        raise BadInput("this server serves fixed bundles, not a repository: nothing to load or unload")
+    return reloader
+
+
+async def repository_index(request: Request) -> Response:
+    _authorise(request)
+    body = await request.body()
+    ready_only = bool(parse_json(body).get("ready")) if body.strip() else False
+    entries = request.app.state.models.index()
+    if ready_only:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return json_response(entries)
+
+
+async def repository_load(request: Request) -> Response:
+    _authorise(request)
+    await _reloader(request).load_model(request.path_params["model"])
+    return json_response({})
+
+
+async def repository_unload(request: Request) -> Response:
+    _authorise(request)
+    await _reloader(request).unload_model(request.path_params["model"])
+    return json_response({})
+
+
 def _stats(service: ModelService) -> dict:
     s = service.stats
     return {
@@ -311,4 +356,7 @@ def routes() -> list[Route]:
         Route(model + "/ready", model_ready), Route(version + "/ready", model_ready),
         Route(model + "/stats", model_stats), Route(version + "/stats", model_stats),
         Route(model + "/infer", infer, methods=["POST"]), Route(version + "/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
     ]

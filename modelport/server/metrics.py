@@ -31,6 +31,8 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.batches = Counter("modelport_batches", "Batches executed.", ["model"], registry=r)
         self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
+        self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
+                                 ["model", "version", "state"], registry=r)
         self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model"],
                                  registry=r)
 
@@ -41,6 +43,15 @@ class Metrics:
         queue = self.queue_duration.labels(model)
         for seconds in info.queue_s:
             queue.observe(seconds)
+
+    def state_changed(self, model: str, version: int, old: str | None, new: str | None) -> None:
+        if old is not None and old != new:
+            try:
+                self.model_state.remove(model, str(version), old)
+            except KeyError:
+                pass
+        if new is not None:
+            self.model_state.labels(model, str(version), new).set(1)
 
     def observe_decode(self, model: str, seconds: float) -> None:
         self.decode_duration.labels(model).observe(seconds)

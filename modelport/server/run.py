@@ -34,9 +34,10 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]], config: ServerConfig) -> None:
+def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, config: ServerConfig, *,
+          repository: Path | None = None, watch: bool = True) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(bundles, config)
+    app = create_app(bundles, config, repository=repository, watch=watch)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
         log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.exit_timeout_s,

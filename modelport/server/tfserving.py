@@ -16,18 +16,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from modelport.errors import BadInput, NotFound
+from modelport.errors import BadInput
 from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
 from modelport.service import ModelService
 
 
+_TF_STATES = {"LOADING": "LOADING", "READY": "AVAILABLE", "UNLOADING": "UNLOADING", "FAILED": "END"}
+
+
 async def status(request: Request) -> Response:
-    service = _service(request)
+    """Every version of the model (TF Serving lists them all), or the one named."""
+    params = request.path_params
+    registry = request.app.state.models
+    if "version" in params or "label" in params:
+        service = _service(request)
+        versions = {service.version: registry.versions(service.name)[service.version]}
+    else:
+        versions = registry.versions(params["model"])
     return json_response({"model_version_status": [{
-        "version": str(service.version),
-        "state": "AVAILABLE" if request.app.state.ready else "LOADING",
-        "status": {"error_code": "OK", "error_message": ""},
-    }]})
+        "version": str(v),
+        "state": _TF_STATES.get(s.state, s.state),
+        "status": {"error_code": "UNKNOWN" if s.state == "FAILED" else "OK", "error_message": s.reason},
+    } for v, s in sorted(versions.items())]})
 
 
 async def metadata(request: Request) -> Response:
@@ -80,9 +90,10 @@ async def _infer(request: Request, service: ModelService, parsed, request_deadli
 
 
 async def _start(request: Request):
-    service = _service(request)
+    body = await request.body()
+    service = _service(request)  # after the body: see kserve.infer
     timing = begin(request, service)
-    payload = parse_json(await request.body())
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise BadInput("request body must be a JSON object")
     return service, payload, timing, deadline(request, request.app.state.config, timing)
@@ -140,9 +151,7 @@ def _tensor_info(spec) -> dict:
 
 def _service(request: Request) -> ModelService:
     params = request.path_params
-    if "label" in params:
-        raise NotFound(f"model {params['model']!r} has no version label {params['label']!r}")
-    return request.app.state.models.get(params["model"], params.get("version"))
+    return request.app.state.models.get(params["model"], params.get("label", params.get("version")))
 
 
 def routes() -> list[Route]:

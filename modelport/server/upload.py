@@ -14,9 +14,6 @@ FIELD = "data"
 
 async def predict(request: Request) -> Response:
     state = request.app.state
-    service = state.models.get(request.query_params["model"]) if "model" in request.query_params \
-        else state.models.default()
-    timing = begin(request, service)
     k = _top_k(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
@@ -35,6 +32,11 @@ async def predict(request: Request) -> Response:
         data = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
     finally:
         await form.close()
+    # The version is picked after the upload has arrived (see kserve.infer).
+    models = state.models
+    service = models.get(request.query_params["model"], request.query_params.get("version")) \
+        if "model" in request.query_params else models.default()
+    timing = begin(request, service)
     (predictions,) = await unless_disconnected(request, service.classify(
         [data], k=k, deadline=deadline(request, state.config, timing), timing=timing, input_name=FIELD))
     return json_response([[p.label, p.score] for p in predictions])

@@ -1,0 +1,158 @@
+"""The live routing table: which versions of which models take requests, and in what state.
+
+Front-ends ask ``get(name, version_or_label)`` for a ``ModelService``; the loader (static or the
+hot reloader) publishes and retires versions. Everything runs on the server's event loop, so a
+switch is one assignment: a request sees either the old version or the new one, never neither.
+
+States follow Triton's repository index, plus FAILED: LOADING -> READY -> UNLOADING -> (gone);
+LOADING -> FAILED (with a reason) when a version cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from modelport.errors import BadInput, NotFound, Unavailable
+from modelport.service import ModelService
+
+LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
+_VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Model names are plain directory names: no separators, no '..', no NUL, nothing hidden."""
+    if not isinstance(name, str) or not _VALID_NAME.fullmatch(name) or ".." in name:
+        raise BadInput(f"invalid {what} {name!r}: letters, digits, '.', '_' and '-' only, "
+                       f"starting with a letter or digit")
+    return name
+
+
+@dataclass
+class VersionState:
+    state: str
+    reason: str = ""
+    service: ModelService | None = None
+
+
+@dataclass
+class _Model:
+    versions: dict[int, VersionState] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self, observer=None) -> None:
+        self._models: dict[str, _Model] = {}
+        self.ready = False  # the first load has finished
+        self._observer = observer  # gets state_changed(name, version, old, new)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str | int | None = None) -> ModelService:
+        check_name(name)
+        model = self._models.get(name)
+        if model is None:
+            if not self.ready:
+                raise Unavailable("models are still loading", retry_after_s=1)
+            raise NotFound(f"unknown model {name!r}")
+        if version is None or version == "":
+            ready = [v for v, s in model.versions.items() if s.state == READY]
+            if not ready:
+                raise Unavailable(f"model {name!r} has no version ready", retry_after_s=1) \
+                    if any(s.state == LOADING for s in model.versions.values()) \
+                    else NotFound(f"model {name!r} has no version available")
+            return model.versions[max(ready)].service
+        number = self._version_number(name, model, version)
+        state = model.versions.get(number)
+        if state is None or state.state in (FAILED, UNAVAILABLE):
+            detail = f" ({state.reason})" if state is not None and state.reason else ""
+            raise NotFound(f"model {name!r} has no version {number} available{detail}")
+        if state.state == LOADING:
+            raise Unavailable(f"model {name!r} version {number} is still loading", retry_after_s=1)
+        if state.state == UNLOADING:
+            raise NotFound(f"model {name!r} version {number} is being unloaded")
+        return state.service
+
+    def default(self) -> ModelService:
+        for name in self._models:
+            try:
+                return self.get(name)
+            except (NotFound, Unavailable):
+                continue
+        if not self.ready:
+            raise Unavailable("models are still loading", retry_after_s=1)
+        raise NotFound("no model loaded")
+
+    def services(self) -> list[ModelService]:
+        return [s.service for m in self._models.values() for s in m.versions.values() if s.state == READY]
+
+    def __iter__(self):
+        return iter(self.services())
+
+    def __len__(self) -> int:
+        return len(self.services())
+
+    def known(self, name: str) -> bool:
+        return name in self._models
+
+    def versions(self, name: str) -> dict[int, VersionState]:
+        check_name(name)
+        if name not in self._models:
+            raise NotFound(f"unknown model {name!r}")
+        return dict(self._models[name].versions)
+
+    def labels(self, name: str) -> dict[str, int]:
+        return dict(self._models[name].labels) if name in self._models else {}
+
+    def index(self) -> list[dict]:
+        return [{"name": name, "version": str(v), "state": s.state, "reason": s.reason}
+                for name, model in sorted(self._models.items()) for v, s in sorted(model.versions.items())]
+
+    # -- loading and unloading (the loaders' side) ----------------------------------------------
+
+    def set_state(self, name: str, version: int, state: str, reason: str = "",
+                  service: ModelService | None = None) -> None:
+        model = self._models.setdefault(name, _Model())
+        old = model.versions.get(version)
+        model.versions[version] = VersionState(state, reason, service if service is not None else
+                                               (old.service if old and state in (READY, UNLOADING) else None))
+        if self._observer is not None:
+            self._observer.state_changed(name, version, old.state if old else None, state)
+
+    def set_labels(self, name: str, labels: dict[str, int]) -> None:
+        self._models.setdefault(name, _Model()).labels = dict(labels)
+
+    async def retire(self, name: str, version: int) -> None:
+        """Stop routing new requests to a version, let its queue drain, then unload it."""
+        model = self._models.get(name)
+        state = model.versions.get(version) if model else None
+        if state is None:
+            return
+        if state.service is None:  # FAILED or never loaded: just forget it
+            self._forget(name, version, state.state)
+            return
+        self.set_state(name, version, UNLOADING)
+        await state.service.close()
+        self._forget(name, version, UNLOADING)
+
+    def _forget(self, name: str, version: int, old_state: str) -> None:
+        model = self._models[name]
+        model.versions.pop(version, None)
+        if self._observer is not None:
+            self._observer.state_changed(name, version, old_state, None)
+        if not model.versions and not model.labels:
+            del self._models[name]
+
+    def forget_model(self, name: str) -> None:
+        if name in self._models and not self._models[name].versions:
+            del self._models[name]
+
+    def _version_number(self, name: str, model: _Model, version: str | int) -> int:
+        text = str(version)
+        if text.isdigit():
+            return int(text)
+        check_name(text, "version label")
+        if text not in model.labels:
+            raise NotFound(f"model {name!r} has no version label {text!r}")
+        return model.labels[text]

@@ -1,0 +1,251 @@
+"""Keeping the registry in step with a repository directory: hot reload without dropping requests.
+
+A version directory counts once it is *complete*: it holds ``modelport.toml`` and its files (names,
+sizes, modification times) have not changed for ``settle_s``. So ``cp -r build/7 models/flowers/7``
+is picked up when the copy has finished; copying to a hidden name (``.7``) and renaming is seen at
+once. Versions are immutable: rewriting the files of a loaded version does not reload it; publish
+a new number.
+
+Changes are noticed by watching the directory (watchfiles) with a periodic rescan as a fallback.
+For each model the wanted versions come from its policy (``model.toml``); a new version is loaded
+and warmed before it is published, and only then does an old one stop taking requests, drain and
+unload (TF Serving's availability-preserving policy). A version that fails to load is FAILED with
+the reason and retried with capped exponential backoff (immediately if its files change); whatever
+was serving keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from modelport import repository
+from modelport.bundle import CONFIG_FILE
+from modelport.errors import ModelportError, NotFound
+from modelport.registry import FAILED, LOADING, READY, Registry, check_name
+from modelport.service import ModelService
+
+logger = logging.getLogger("modelport.reload")
+
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+
+
+@dataclass
+class _Seen:
+    signature: tuple
+    since: float  # monotonic time the signature was first seen unchanged
+
+
+@dataclass
+class _Failure:
+    signature: tuple
+    attempts: int
+    retry_at: float
+
+
+class Reloader:
+    def __init__(self, root: Path, registry: Registry, load: Callable[[str, Path], Awaitable[ModelService]], *,
+                 settle_s: float = 0.5, poll_s: float = 1.0, watch: bool = True) -> None:
+        self.root = root
+        self.registry = registry
+        self._load = load
+        self.settle_s = settle_s
+        self.poll_s = poll_s
+        self.watch = watch
+        self._seen: dict[tuple[str, int], _Seen] = {}
+        self._failures: dict[tuple[str, int], _Failure] = {}
+        self._unloaded_by_api: set[str] = set()
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()  # one sync at a time: the watcher's and the API's
+        self._next_wake: float | None = None
+        self._unsettled: set[tuple[str, int]] = set()  # version directories whose files are still changing
+        self.load_failures = 0
+
+    async def run(self) -> None:
+        """Load what the repository holds now, report ready, then follow its changes forever."""
+        await self.sync()
+        while self._unsettled:  # at start-up too, a version counts only once its files are still
+            await asyncio.sleep(max(0.01, (self._next_wake or time.monotonic()) - time.monotonic()))
+            await self.sync()
+        self.registry.ready = True
+        if not self.watch:
+            return
+        watcher = asyncio.ensure_future(self._watch_files())
+        try:
+            while True:
+                timeout = self.poll_s
+                if self._next_wake is not None:
+                    timeout = max(0.01, min(timeout, self._next_wake - time.monotonic()))
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                self._changed.clear()
+                await self.sync()
+        finally:
+            watcher.cancel()
+
+    async def close(self) -> None:
+        async with self._lock:
+            for service in self.registry.services():
+                await self.registry.retire(service.name, service.version)
+
+    # -- the repository API's operations ------------------------------------------------------------
+
+    async def load_model(self, name: str) -> None:
+        check_name(name)
+        if not (self.root / name).is_dir() or repository.escapes(self.root, self.root / name):
+            raise NotFound(f"no model {name!r} in the repository")
+        self._unloaded_by_api.discard(name)
+        await self.sync(only=name)
+        states = self.registry.versions(name)
+        if not any(s.state == READY for s in states.values()):
+            reasons = "; ".join(f"version {v}: {s.reason}" for v, s in states.items() if s.reason)
+            raise ModelportError(f"model {name!r} did not load: {reasons or 'no complete version'}")
+
+    async def unload_model(self, name: str) -> None:
+        check_name(name)
+        self.registry.versions(name)  # NotFound for a model that is not there
+        self._unloaded_by_api.add(name)
+        await self.sync(only=name)
+
+    # -- the work -------------------------------------------------------------------------------------
+
+    async def sync(self, only: str | None = None) -> None:
+        async with self._lock:
+            self._next_wake = None
+            on_disk = self._models_on_disk()
+            names = [only] if only else sorted(set(on_disk) | {e["name"] for e in self.registry.index()})
+            for name in names:
+                try:
+                    await self._sync_model(name, on_disk.get(name))
+                except Exception:  # one model's trouble never stops the others
+                    logger.exception("syncing model %s failed", name)
+
+    def _models_on_disk(self) -> dict[str, Path]:
+        found = {}
+        for child in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            try:
+                check_name(child.name)
+            except ModelportError:
+                logger.warning("ignoring %s: not a valid model name", child)
+                continue
+            if repository.escapes(self.root, child):
+                logger.warning("ignoring %s: it points outside the repository", child)
+                continue
+            found[child.name] = child
+        return found
+
+    async def _sync_model(self, name: str, model_dir: Path | None) -> None:
+        loaded = self.registry.versions(name) if self.registry.known(name) else {}
+        if model_dir is None or name in self._unloaded_by_api:
+            for version in list(loaded):
+                await self.registry.retire(name, version)
+            self.registry.set_labels(name, {})
+            self.registry.forget_model(name)
+            return
+        try:
+            config = repository.read_model_config(model_dir)
+        except ModelportError as exc:
+            logger.error("%s", exc.message)
+            config = None
+        complete = self._complete_versions(name, model_dir)
+        # A loaded version stays a candidate while its directory exists, even if files in it
+        # change: versions are immutable once loaded (logs or caches written beside the model
+        # must not unload it).
+        candidates = set(complete) | {v for v, s in loaded.items() if s.state == READY and (name, v) in self._seen}
+        wanted = config.wanted(sorted(candidates)) if config else {v for v, s in loaded.items() if s.state == READY}
+        if config:
+            self.registry.set_labels(name, config.labels)
+
+        # Load first (newest first), publish each when warm; retire only afterwards.
+        for version in sorted(wanted - {v for v, s in loaded.items() if s.state in (READY, LOADING)}, reverse=True):
+            await self._try_load(name, version, complete[version])
+        loaded = self.registry.versions(name)
+        # Availability first: until every wanted version is READY, the newest READY version that
+        # is no longer wanted keeps serving.
+        wanted_ready = all(v in loaded and loaded[v].state == READY for v in wanted)
+        unwanted_ready = sorted(v for v, s in loaded.items() if v not in wanted and s.state == READY)
+        keep = set() if wanted_ready or not unwanted_ready else {unwanted_ready[-1]}
+        for version, state in loaded.items():
+            if state.state == FAILED:
+                if (name, version) not in self._seen:
+                    await self.registry.retire(name, version)  # its directory is gone: forget the failure
+            elif version not in wanted and version not in keep:
+                await self.registry.retire(name, version)
+
+    def _complete_versions(self, name: str, model_dir: Path) -> dict[int, Path]:
+        now = time.monotonic()
+        complete = {}
+        present = repository.versions(model_dir)
+        numbers = {int(p.name) for p in present}
+        for key in [k for k in self._seen if k[0] == name and k[1] not in numbers]:
+            del self._seen[key]  # the directory is gone
+            self._unsettled.discard(key)
+        for version_dir in present:
+            key = (name, int(version_dir.name))
+            if repository.escapes(self.root, version_dir):
+                self.registry.set_state(name, key[1], FAILED, "version directory points outside the repository")
+                continue
+            if not (version_dir / CONFIG_FILE).is_file():
+                self._seen.pop(key, None)
+                continue
+            sig = repository.signature(version_dir)
+            seen = self._seen.get(key)
+            if seen is None or seen.signature != sig:
+                self._seen[key] = _Seen(sig, now)
+                self._wake_at(now + self.settle_s)
+                self._unsettled.add(key)
+            elif now - seen.since >= self.settle_s:
+                complete[key[1]] = version_dir
+                self._unsettled.discard(key)
+            else:
+                self._wake_at(seen.since + self.settle_s)
+                self._unsettled.add(key)
+        return complete
+
+    async def _try_load(self, name: str, version: int, path: Path) -> None:
+        key = (name, version)
+        sig = self._seen[key].signature
+        failure = self._failures.get(key)
+        now = time.monotonic()
+        if failure and failure.signature == sig and now < failure.retry_at:
+            self._wake_at(failure.retry_at)
+            return
+        self.registry.set_state(name, version, LOADING)
+        try:
+            service = await self._load(name, path)
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, ModelportError) else f"{type(exc).__name__}: {exc}"
+            attempts = failure.attempts + 1 if failure and failure.signature == sig else 1
+            delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (attempts - 1))
+            self._failures[key] = _Failure(sig, attempts, now + delay)
+            self._wake_at(now + delay)
+            self.load_failures += 1
+            self.registry.set_state(name, version, FAILED, reason)
+            logger.error("model %s version %s FAILED (attempt %d, next in %.0f s): %s", name, version, attempts,
+                         delay, reason)
+            return
+        self._failures.pop(key, None)
+        self.registry.set_state(name, version, READY, service=service)
+        logger.info("model %s version %s READY", name, version)
+
+    def _wake_at(self, when: float) -> None:
+        self._next_wake = when if self._next_wake is None else min(self._next_wake, when)
+
+    async def _watch_files(self) -> None:
+        try:
+            from watchfiles import awatch
+        except ImportError:  # polling alone still works, at poll_s
+            return
+        try:
+            async for _ in awatch(self.root, debounce=50, step=20, recursive=True):
+                self._changed.set()
+        except (OSError, RuntimeError) as exc:
+            logger.warning("watching %s failed (%s); polling every %.1f s", self.root, exc, self.poll_s)
