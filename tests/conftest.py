@@ -77,9 +77,9 @@ def tiny_onnx(path: Path, *, classes: int = 4, size: int = 8, dtype: str = "floa
 
 
 def make_tiny_bundle(directory: Path, *, classes: int = 4, size: int = 8, dtype: str = "float32",
-                     layout: str = "NCHW", labels: list[str] | None = None, **overrides) -> Path:
+                     layout: str = "NCHW", labels: list[str] | None = None, seed: int = 0, **overrides) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_onnx(directory / "model.onnx", classes=classes, size=size, dtype=dtype, layout=layout)
+    tiny_onnx(directory / "model.onnx", classes=classes, size=size, dtype=dtype, layout=layout, seed=seed)
     labels = labels if labels is not None else [f"class{i}" for i in range(classes)]
     (directory / "labels.txt").write_text("\n".join(labels) + "\n")
     config = {

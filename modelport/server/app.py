@@ -43,6 +43,11 @@ async def _modelport_error(request: Request, exc: ModelportError) -> Response:
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     # Starlette's own 404 (no such route) and 405, in the JSON error shape of every other error.
+    # A path no route matches because it climbs out ("..") or hides a NUL is an attack on names,
+    # answered as the bad input it is.
+    segments = request.url.path.split("/")[1:-1]  # an empty one inside means "//": an absolute name
+    if exc.status_code == 404 and (".." in segments or "" in segments or "\x00" in request.url.path):
+        return json_response({"error": "invalid path: model names cannot be absolute or contain '..', '/' or NUL"}, 400)
     return json_response({"error": exc.detail}, exc.status_code, exc.headers)
 
 
@@ -121,7 +126,7 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     service = ModelService(model, decode_pool=decode_pool, serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, observer=metrics)
     service.start()
-    metrics.queue_depth.labels(service.name).set_function(lambda b=service.batcher: b.queued)
+    metrics.queue_depth.labels(service.name, str(service.version)).set_function(lambda b=service.batcher: b.queued)
     return service
 
 

@@ -357,6 +357,7 @@ def routes() -> list[Route]:
         Route(model + "/stats", model_stats), Route(version + "/stats", model_stats),
         Route(model + "/infer", infer, methods=["POST"]), Route(version + "/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        # {model:path}: a name with '/' or '..' reaches the name check (400) instead of missing the route.
+        Route("/v2/repository/models/{model:path}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model:path}/unload", repository_unload, methods=["POST"]),
     ]

@@ -33,7 +33,7 @@ class Metrics:
         self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
         self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
                                  ["model", "version", "state"], registry=r)
-        self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model"],
+        self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model", "version"],
                                  registry=r)
 
     def observe_batch(self, model: str, info: BatchInfo) -> None:
@@ -52,6 +52,11 @@ class Metrics:
                 pass
         if new is not None:
             self.model_state.labels(model, str(version), new).set(1)
+        else:  # unloaded: drop its series, and the gauge callback that would keep the service alive
+            try:
+                self.queue_depth.remove(model, str(version))
+            except KeyError:
+                pass
 
     def observe_decode(self, model: str, seconds: float) -> None:
         self.decode_duration.labels(model).observe(seconds)
