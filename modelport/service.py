@@ -72,7 +72,8 @@ class _Item:
 
 
 class ModelService:
-    def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, serving: Serving | None = None,
+    def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, infer_pool: ThreadPoolExecutor | None = None,
+                 serving: Serving | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, observer: "Observer | None" = None) -> None:
         self.model = model
         self.name = model.name
@@ -81,8 +82,11 @@ class ModelService:
         self.max_pixels = max_pixels
         self.stats = Stats()
         self._decode_pool = decode_pool
-        # One runtime call at a time per model: ORT already spreads one batch over every core.
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
+        # The batcher runs one batch at a time per model (ORT already spreads a batch over every
+        # core); the threads are shared by all models so that loading and unloading versions
+        # does not create and destroy threads (and glibc arenas) each time.
+        self._own_pool = infer_pool is None
+        self._infer_pool = infer_pool or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
         self._observer = observer
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
@@ -96,7 +100,8 @@ class ModelService:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self._infer_pool.shutdown(wait=True)
+        if self._own_pool:
+            self._infer_pool.shutdown(wait=True)
         self.model.close()
 
     # -- requests -------------------------------------------------------------------------------

@@ -67,9 +67,10 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     async def lifespan(app: Starlette):
         decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
                                          initializer=lower_priority)
+        infer_pool = ThreadPoolExecutor(4, thread_name_prefix="infer")  # shared; one batch per model at a time
 
         async def load(name: str, path: Path) -> ModelService:
-            return await _load_service(name, path, config, decode_pool, metrics)
+            return await _load_service(name, path, config, decode_pool, infer_pool, metrics)
 
         if repository is not None:
             app.state.reloader = Reloader(repository, registry, load, settle_s=config.settle_s,
@@ -101,6 +102,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             for service in registry.services():
                 await registry.retire(service.name, service.version)
             decode_pool.shutdown(wait=True)
+            infer_pool.shutdown(wait=True)
 
     routes = [Route("/", upload.predict, methods=["POST"]),
               Route("/metrics", metrics_endpoint),
@@ -119,11 +121,13 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     return app
 
 
-async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, metrics: Metrics) -> ModelService:
+async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, infer_pool,
+                        metrics: Metrics) -> ModelService:
     loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(None, lambda: Model.load(path, name=name, threads=config.runtime_threads))
+    model = await loop.run_in_executor(infer_pool, lambda: Model.load(path, name=name, threads=config.runtime_threads))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
-    service = ModelService(model, decode_pool=decode_pool, serving=replace(model.bundle.serving, **overrides),
+    service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
+                           serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, observer=metrics)
     service.start()
     metrics.queue_depth.labels(service.name, str(service.version)).set_function(lambda b=service.batcher: b.queued)
