@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_server import free_port  # noqa: E402
+from http_server import free_port, start_server  # noqa: E402
 
 from modelport import default_model, samples  # noqa: E402
 
@@ -50,16 +49,8 @@ def main() -> None:
         repo = tmp / "repo"
         shutil.copytree(source, repo / "lite" / "1")
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "modelport", "serve", str(repo), "--port", str(port),
-                                 "--admin-token", TOKEN, "--log-level", "warning"],
-                                stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT)
+        proc, _ = start_server([str(repo), "--admin-token", TOKEN], port, tmp / "server.log")
         url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
         image = samples.jpeg(samples.photo("coffee"))
         results: list[tuple[float, int, str | None]] = []
         stop = threading.Event()
