@@ -69,6 +69,7 @@ class _Item:
     array: np.ndarray  # rows of crops (uint8 NHWC) or of the graph's own input
     is_crop: bool
     timing: Timing
+    started: bool = False  # its batch has reached the runtime
 
 
 class ModelService:
@@ -166,8 +167,18 @@ class ModelService:
                       timing: Timing) -> dict[str, np.ndarray]:
         timing.enqueued = time.monotonic()
         start = time.monotonic()
+        item = _Item(array, is_crop, timing)
         try:
-            result = await self.batcher.submit(_Item(array, is_crop, timing), rows=len(array), deadline=deadline)
+            # The deadline holds during compute too: a hung or slow model call is answered 504 at
+            # the deadline (its batch runs on; the answer is dropped) instead of holding the client.
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                result = await self.batcher.submit(item, rows=len(array), deadline=deadline)
+        except TimeoutError:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
+            if item.started:
+                raise DeadlineExceeded("deadline passed while the model was computing; answer dropped") from None
+            raise DeadlineExceeded("deadline passed while queued; not computed") from None
         except Exception:
             self.stats.fail_count += 1
             self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
@@ -180,6 +191,7 @@ class ModelService:
         started = time.monotonic()
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
+            item.started = True
         if self._inline_ok and self._recent_run_s < _INLINE_BELOW_S:
             # A model this fast costs less than the hand-over to a thread and back (~90 us here):
             # run it on the event loop. A slow batch raises the average and moves it back off.

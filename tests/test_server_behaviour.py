@@ -123,6 +123,20 @@ def test_deadline_passed_in_queue_is_504_without_compute(gated):
     assert len(gate.batches()) == 1  # only the first request: the late one never ran
 
 
+def test_hung_model_call_is_answered_504_at_the_deadline_and_the_server_recovers(gated):
+    server, gate = gated
+    gate.close()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    start = time.monotonic()
+    response = httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels),
+                          headers={"X-Request-Timeout-Ms": "300"}, timeout=30)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 504 and "while the model was computing" in response.json()["error"]
+    assert 0.25 < elapsed < 5
+    gate.open()
+    assert httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels)).status_code == 200
+
+
 def test_deadline_header_cannot_raise_the_server_default_and_must_be_a_number(gated):
     server, _ = gated
     pixels = np.zeros((8, 8, 3), np.uint8)
@@ -272,5 +286,44 @@ def test_bad_version_in_a_repository_is_failed_and_the_server_stays_up(tmp_path)
         assert httpx.get(server.url + "/v2/models/tiny/ready").status_code == 200
         assert httpx.get(server.url + "/v2/models/broken/ready").status_code == 404
         assert metric(server.url, "modelport_model_state", model="broken", state="FAILED") == 1
+    finally:
+        server.stop()
+
+
+def test_slow_clients_are_cut_off_and_do_not_starve_others(tmp_path):
+    import socket
+
+    make_tiny_bundle(tmp_path / "repo" / "tiny" / "1")
+    server = Server(str(tmp_path / "repo"), "--read-timeout-s", "1", log=tmp_path / "server.log").wait_ready()
+    try:
+        def fds() -> int:
+            import os
+
+            return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+        baseline = fds()
+        slow = []
+        for _ in range(20):  # slowloris: headers one byte at a time, never finished
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.append(s)
+        body = {"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}
+        for _ in range(5):
+            for s in slow:
+                try:
+                    s.sendall(b"a")  # a byte now and then: uvicorn's own keep-alive timer would be reset
+                except OSError:
+                    pass
+            assert httpx.post(server.url + "/v2/models/tiny/infer", json=body).status_code == 200  # others served
+            time.sleep(0.3)
+        # Past the read timeout, every trickling connection has been closed by the server.
+        for s in slow:
+            s.settimeout(5)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        wait_for(lambda: fds() <= baseline + 2)
     finally:
         server.stop()

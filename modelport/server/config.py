@@ -30,6 +30,8 @@ class ServerConfig:
     max_inputs: int = 16  # tensors in one V2 request
     timeout_ms: float = 30_000  # server default deadline; a request header may only lower it
     exit_timeout_s: float = 30.0  # SIGTERM: longest wait for in-flight requests
+    read_timeout_s: float = 30.0  # a request's headers and body must arrive within this
+    write_timeout_s: float = 30.0  # a client that reads nothing for this long is cut off
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runtime_threads: int | None = None  # None: one per core
     batching: BatchingOverrides = BatchingOverrides()

@@ -15,6 +15,7 @@ import uvicorn
 
 from modelport.server.app import create_app
 from modelport.server.config import ServerConfig
+from modelport.server.protocol import protocol_class
 
 
 class _Server(uvicorn.Server):
@@ -39,7 +40,8 @@ def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, confi
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(bundles, config, repository=repository, watch=watch)
     uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",
+        app, host=config.host, port=config.port, loop="uvloop", lifespan="on",
+        http=protocol_class(config.read_timeout_s, config.write_timeout_s),
         log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.exit_timeout_s,
         timeout_keep_alive=5, server_header=False,
         proxy_headers=False,  # nothing to trust on loopback; a balancer in front brings its own
