@@ -177,11 +177,14 @@ def build_default() -> None:
               help="On SIGTERM, longest wait for in-flight requests.")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="A request's headers and body must arrive within this (slow clients are cut off).")
+@click.option("--write-timeout-s", type=click.FloatRange(min=0.1), default=30, show_default=True,
+              help="A client that reads none of its responses for this long is cut off.")
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
           port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
-          max_body_mb, max_pixels, exit_timeout_s, read_timeout_s, runtime_threads, log_level) -> None:
+          max_body_mb, max_pixels, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
+          log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
     A repository is followed while serving (new versions load, then take traffic; removed ones
@@ -210,7 +213,8 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
             return found
     config = ServerConfig(
         host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
-        exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, runtime_threads=runtime_threads, log_level=log_level,
+        exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
+        runtime_threads=runtime_threads, log_level=log_level,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )

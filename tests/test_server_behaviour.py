@@ -327,3 +327,35 @@ def test_slow_clients_are_cut_off_and_do_not_starve_others(tmp_path):
         wait_for(lambda: fds() <= baseline + 2)
     finally:
         server.stop()
+
+
+def test_client_that_never_reads_responses_is_cut_off(tmp_path):
+    import json as jsonlib
+    import os
+    import socket
+
+    make_tiny_bundle(tmp_path / "repo" / "tiny" / "1")
+    server = Server(str(tmp_path / "repo"), "--write-timeout-s", "1", "--max-body-mb", "100",
+                    log=tmp_path / "server.log").wait_ready()
+    try:
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+        baseline = fds()
+        # 77 MB in; the answer is 400,000 random floats of JSON, ~8 MB: more than the kernel buffers.
+        rows = np.random.default_rng(0).normal(size=(100_000, 3, 8, 8)).astype(np.float32)
+        header = jsonlib.dumps({"inputs": [{"name": "image", "shape": list(rows.shape), "datatype": "FP32",
+                                            "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
+        greedy = socket.socket()
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        greedy.connect(("127.0.0.1", server.port))
+        greedy.sendall((f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                        f"Content-Length: {len(header) + rows.nbytes}\r\n"
+                        f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + header + rows.tobytes())
+        # Never read. The server's send buffer fills; after the write timeout it lets go.
+        wait_for(lambda: fds() <= baseline, timeout_s=30)
+        body = {"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}
+        assert httpx.post(server.url + "/v2/models/tiny/infer", json=body).status_code == 200
+        greedy.close()
+    finally:
+        server.stop()
