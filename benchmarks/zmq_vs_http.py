@@ -15,13 +15,11 @@ import asyncio
 import json
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import msgpack
 import numpy as np
 import zmq
@@ -42,7 +40,7 @@ def zmq_round_trips(port: int, request: bytes, count: int) -> list[float]:
     socket = context.socket(zmq.DEALER)
     socket.connect(f"tcp://127.0.0.1:{port}")
     times = []
-    for i in range(count):
+    for _ in range(count):
         start = time.perf_counter()
         socket.send(request)
         reply = msgpack.unpackb(socket.recv())
@@ -147,7 +145,7 @@ def main() -> None:
         proc.wait(timeout=60)
 
     z50 = statistics.median(z_times) * 1000
-    print(f"trivial model round trip, C=1, 3000 requests:")
+    print("trivial model round trip, C=1, 3000 requests:")
     print(f"  ZeroMQ p50 {z50:.3f} ms = {z50 / 0.2:.2f} x the 0.2 ms target; p99 "
           f"{sorted(z_times)[int(0.99 * len(z_times))] * 1000:.3f} ms")
     print(f"  HTTP   p50 {h.p50 * 1000:.3f} ms;  ZeroMQ / HTTP = {z50 / (h.p50 * 1000):.2f}")

@@ -15,7 +15,7 @@ from modelport.errors import BadInput
 from modelport.model import Model
 from modelport.retrain import retrain
 from modelport.retrain.dataset import scan
-from modelport.retrain.features import FeatureCache, backbone_id, extract
+from modelport.retrain.features import FeatureCache, extract
 from servers import Server
 
 

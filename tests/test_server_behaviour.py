@@ -16,7 +16,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_tiny_bundle, tiny_onnx
-from modelport.predictions import softmax
 from servers import Gate, Server, make_gate_bundle
 
 

@@ -54,7 +54,7 @@ def scan(root: Path, *, val_fraction: float = 0.1, seed: int = 0, min_per_class:
 
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for label, (name, paths) in enumerate(files.items()):
+    for label, paths in enumerate(files.values()):
         order = rng.permutation(len(paths))
         n_val = max(1, round(len(paths) * val_fraction))
         for rank, index in enumerate(order):
