@@ -165,3 +165,30 @@ def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):
     finally:
         gate.open()
         server.stop()
+
+
+def test_fuzzed_frames_get_error_replies_and_the_server_keeps_serving(tiny_server):
+    server, weights = tiny_server
+    rng = np.random.default_rng(11)
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.RCVTIMEO, 5000)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{server.zmq_port}")
+    try:
+        for i in range(300):
+            if i % 3 == 0:  # well-formed msgpack with random contents
+                frame = msgpack.packb({"id": i, "op": rng.choice(["infer", "classify", "x"]).item(), "model": "tiny",
+                                       "images": [rng.bytes(int(rng.integers(0, 64)))],
+                                       "top_k": int(rng.integers(-2, 3))})
+            else:
+                frame = rng.bytes(int(rng.integers(1, 200)))
+            raw.send(frame)
+            reply = msgpack.unpackb(raw.recv())
+            assert reply["ok"] is False and reply["error"]["status"] in (400, 404), reply
+    finally:
+        raw.close()
+        context.term()
+    with Client(server.zmq_url, model="tiny") as client:
+        tensor = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+        assert np.allclose(client.infer("tiny", {"image": tensor})["logits"], expected_logits(tensor, weights), atol=1e-4)
