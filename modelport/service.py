@@ -134,7 +134,7 @@ class ModelService:
         """The graph's own input, already shaped (N, ...) and typed; checked here, not by the runtime."""
         self.check_tensor(array)
         _check_deadline(deadline)
-        with self.batcher.admit():
+        with self.batcher.admit():  # nothing to prepare: this only refuses at once when the queue is full
             pass
         return await self._submit(array, False, deadline, timing)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,21 @@ def tiny_server(tmp_path):
     server.stop()
 
 
+@contextlib.contextmanager
+def raw_dealer(port: int):
+    """A bare DEALER socket, for frames no client would send."""
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.RCVTIMEO, 5000)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield raw
+    finally:
+        raw.close()
+        context.term()
+
+
 def expected_logits(tensor: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The tiny graph on a graph-ready (NCHW float) tensor: no image normalisation applies."""
     return tensor.mean(axis=(2, 3)) @ weights
@@ -79,12 +95,7 @@ def test_hundreds_of_concurrent_requests_on_one_async_client(tiny_server):
 
 def test_malformed_frames_get_errors_and_the_next_thousand_are_correct(tiny_server):
     server, weights = tiny_server
-    context = zmq.Context()
-    raw = context.socket(zmq.DEALER)
-    raw.setsockopt(zmq.RCVTIMEO, 5000)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(f"tcp://127.0.0.1:{server.zmq_port}")
-    try:
+    with raw_dealer(server.zmq_port) as raw:
         bad_frames = [
             [b"\xc1 not msgpack"],
             [msgpack.packb([1, 2, 3])],
@@ -103,9 +114,6 @@ def test_malformed_frames_get_errors_and_the_next_thousand_are_correct(tiny_serv
         raw.send(b"\x00" * (17 * 1024 * 1024))
         with pytest.raises(zmq.Again):
             raw.recv()
-    finally:
-        raw.close()
-        context.term()
     rng = np.random.default_rng(5)
     with Client(server.zmq_url, model="tiny") as client:
         for _ in range(1000):
@@ -170,12 +178,7 @@ def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):
 def test_fuzzed_frames_get_error_replies_and_the_server_keeps_serving(tiny_server):
     server, weights = tiny_server
     rng = np.random.default_rng(11)
-    context = zmq.Context()
-    raw = context.socket(zmq.DEALER)
-    raw.setsockopt(zmq.RCVTIMEO, 5000)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(f"tcp://127.0.0.1:{server.zmq_port}")
-    try:
+    with raw_dealer(server.zmq_port) as raw:
         for i in range(300):
             if i % 3 == 0:  # well-formed msgpack with random contents
                 frame = msgpack.packb({"id": i, "op": rng.choice(["infer", "classify", "x"]).item(), "model": "tiny",
@@ -186,9 +189,6 @@ def test_fuzzed_frames_get_error_replies_and_the_server_keeps_serving(tiny_serve
             raw.send(frame)
             reply = msgpack.unpackb(raw.recv())
             assert reply["ok"] is False and reply["error"]["status"] in (400, 404), reply
-    finally:
-        raw.close()
-        context.term()
     with Client(server.zmq_url, model="tiny") as client:
         tensor = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
         assert np.allclose(client.infer("tiny", {"image": tensor})["logits"], expected_logits(tensor, weights), atol=1e-4)
