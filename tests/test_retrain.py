@@ -74,26 +74,20 @@ def test_cache_computes_only_new_images(dataset, default_model, tmp_path):
 
 
 def test_exported_graph_equals_two_stage_computation(trained, default_model, dataset):
+    """Backbone features -> the fitted head -> calibrated softmax, computed in numpy, against the
+    single exported graph on the same held-out images."""
     first, _, _ = trained
     _, held_out, _ = dataset
     exported = Model.load(first.bundle)
     crops = np.stack([default_model.decode(p.read_bytes()) for p in sorted(held_out.rglob("*.jpg"))])
     features = default_model.run({"image": crops}, ["features"])["features"].astype(np.float64)
-    from modelport.retrain import head as head_module
-
-    # Rebuild the head from the exported graph's initialisers and compare the whole computation.
-    import onnx
-    from onnx import numpy_helper
-
-    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(first.bundle / "model.onnx")).graph.initializer
-               if t.name.startswith("retrain_head_")}
-    head = head_module.Head(weights["retrain_head_weights"], weights["retrain_head_bias"],
-                            1 / float(weights["retrain_head_inv_temperature"]), 0)
-    expected = head.probabilities(features)
+    expected = first.head.probabilities(features)
     actual = exported.predict(crops)
     assert np.allclose(actual, expected, atol=1e-5)
     assert np.allclose(actual.sum(1), 1, atol=1e-5)
-    assert abs(head.temperature - first.report.temperature) < 1e-5
+    assert first.head.temperature == first.report.temperature
+    # The features output survives in the exported graph, unchanged.
+    assert np.allclose(exported.run({"image": crops}, ["features"])["features"], features, atol=1e-5)
 
 
 def test_held_out_images_through_classify_and_http(trained, dataset, tmp_path):

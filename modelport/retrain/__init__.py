@@ -28,6 +28,7 @@ from modelport.errors import BadInput, MissingExtra
 from modelport.model import Model
 from modelport.retrain import dataset as dataset_module
 from modelport.retrain.features import Extraction, FeatureCache, backbone_id, extract
+from modelport.retrain.head import Head
 from modelport.retrain.report import Report
 
 INSTALL_HINT = "pip install 'modelport[retrain]'"
@@ -40,6 +41,7 @@ class RetrainResult:
     report: Report
     extraction: Extraction
     counts: dict[str, int]
+    head: "Head"  # the fitted head, as the exported graph should compute it
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> why
 
 
@@ -76,7 +78,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
     val = [e for e in split.val if e.path in extraction.features]
     _check_survivors(split.classes, train, val, extraction)
 
-    from modelport.retrain import export, head as head_module, report as report_module
+    from modelport.retrain import export, head as head_module, report as report_module  # sklearn, onnx: lazily
 
     def stack(examples):
         return (np.stack([extraction.features[e.path] for e in examples]).astype(np.float64),
@@ -113,7 +115,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
         version = _publish(model_dir, staging, name, spec, metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return RetrainResult(model_dir / str(version), version, report, extraction, counts,
+    return RetrainResult(model_dir / str(version), version, report, extraction, counts, head,
                          {str(p): why for p, why in extraction.unreadable.items()})
 
 
