@@ -101,8 +101,7 @@ class RpcServer:
             status = 500
         await self._reply(identity, reply)
         if service is not None and self._metrics is not None:
-            self._metrics.requests.labels(service.name, str(service.version), "zmq", str(status)).inc()
-            self._metrics.request_duration.labels(service.name, "zmq").observe(time.monotonic() - start)
+            self._metrics.observe_request(service.name, service.version, "zmq", status, time.monotonic() - start)
 
     async def _infer(self, service: ModelService, op: Any, request: dict) -> dict:
         timing = Timing()

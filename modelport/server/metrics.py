@@ -33,8 +33,20 @@ class Metrics:
         self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
         self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
                                  ["model", "version", "state"], registry=r)
+        self._request_children: dict[tuple, tuple] = {}
         self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model", "version"],
                                  registry=r)
+
+    def observe_request(self, model: str, version: int | str, protocol: str, status: int, seconds: float) -> None:
+        key = (model, version, protocol, status)
+        children = self._request_children.get(key)
+        if children is None:
+            # labels() takes a lock and builds a tuple on every call; the label sets are few.
+            children = self._request_children[key] = (
+                self.requests.labels(model, str(version), protocol, str(status)),
+                self.request_duration.labels(model, protocol))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, model: str, info: BatchInfo) -> None:
         self.batches.labels(model).inc()

@@ -21,8 +21,6 @@ class Observe:
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        # labels() takes a lock and builds a tuple on every call; the label sets are few.
-        self._children: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -53,12 +51,5 @@ class Observe:
             self.metrics.in_flight.dec()
             model = state.get("model")
             if model is not None:  # only model requests: health checks and metrics scrapes are noise
-                key = (model, state["version"], _protocol(scope["path"]), status)
-                children = self._children.get(key)
-                if children is None:
-                    m = self.metrics
-                    children = self._children[key] = (
-                        m.requests.labels(model, str(key[1]), key[2], str(status)),
-                        m.request_duration.labels(model, key[2]))
-                children[0].inc()
-                children[1].observe(time.monotonic() - start)
+                self.metrics.observe_request(model, state["version"], _protocol(scope["path"]), status,
+                                             time.monotonic() - start)
