@@ -75,11 +75,15 @@ class Batcher(Generic[T, R]):
         Use as ``with batcher.admit(): item = await decode(...)`` then ``await batcher.submit(item)``
         with no await in between: while the block runs, the worker knows a companion is coming.
         """
+        self.check()
+        return _Admission(self)
+
+    def check(self) -> None:
+        """Refuse now if a request would be refused: lets a front-end skip reading a body in vain."""
         if self._closing:
             raise Unavailable("model is unloading", retry_after_s=1)
         if len(self._queue) + self._expected >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
-        return _Admission(self)
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None) -> R:
         # No closing check here: a request admitted before close() began is still served.

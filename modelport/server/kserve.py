@@ -73,6 +73,7 @@ async def model_stats(request: Request) -> Response:
 # -- inference -----------------------------------------------------------------------------------
 
 async def infer(request: Request) -> Response:
+    _service(request).batcher.check()  # refuse before reading a body in vain (see upload.predict)
     body = await request.body()
     # The version is picked after the body has arrived: a version switch during a slow upload
     # sends the request to the new version instead of failing it.

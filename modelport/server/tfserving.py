@@ -90,6 +90,7 @@ async def _infer(request: Request, service: ModelService, parsed, request_deadli
 
 
 async def _start(request: Request):
+    _service(request).batcher.check()  # refuse before reading a body in vain (see upload.predict)
     body = await request.body()
     service = _service(request)  # after the body: see kserve.infer
     timing = begin(request, service)

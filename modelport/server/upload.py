@@ -15,6 +15,9 @@ FIELD = "data"
 async def predict(request: Request) -> Response:
     state = request.app.state
     k = _top_k(request)
+    # Refuse an overloaded or unknown model before parsing the upload: under overload, parsing
+    # bodies that will be refused anyway would eat the CPU the accepted requests need.
+    _pick(state.models, request).batcher.check()
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
                        input_name=FIELD)
@@ -32,14 +35,17 @@ async def predict(request: Request) -> Response:
         data = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
     finally:
         await form.close()
-    # The version is picked after the upload has arrived (see kserve.infer).
-    models = state.models
-    service = models.get(request.query_params["model"], request.query_params.get("version")) \
-        if "model" in request.query_params else models.default()
+    # The version is picked again once the upload has arrived (see kserve.infer).
+    service = _pick(state.models, request)
     timing = begin(request, service)
     (predictions,) = await unless_disconnected(request, service.classify(
         [data], k=k, deadline=deadline(request, state.config, timing), timing=timing, input_name=FIELD))
     return json_response([[p.label, p.score] for p in predictions])
+
+
+def _pick(models, request: Request):
+    params = request.query_params
+    return models.get(params["model"], params.get("version")) if "model" in params else models.default()
 
 
 def _top_k(request: Request) -> int | None:
