@@ -91,7 +91,7 @@ class ModelService:
         self._observer = observer
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
-            max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch)
+            max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now)
         self.output_names = [o.name for o in model.runtime.outputs]
         self._recent_run_s = model.warm_up_s  # moving average of batch run time
         self._inline_ok = getattr(model.runtime, "pure_compute", False)
@@ -187,22 +187,40 @@ class ModelService:
         self.stats.success_ns += int((time.monotonic() - timing.arrived) * 1e9)
         return result
 
+    def _fast(self) -> bool:
+        # A model this fast costs less than the hand-over to a thread and back (~90 us here): run
+        # it on the event loop. A slow batch raises the average and moves it back off. Only
+        # runtimes that are pure compute qualify: custom Python code may block.
+        return self._inline_ok and self._recent_run_s < _INLINE_BELOW_S
+
+    def _run_now(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]] | None:
+        """The batcher's shortcut when idle: run a fast model at once, on the loop, or decline."""
+        if not self._fast():
+            return None
+        started = time.monotonic()
+        for item in items:
+            item.timing.queue_s = 0.0
+            item.started = True
+        outputs = self._run_sync(items)
+        self._observe_run(items, started)
+        return outputs
+
+    def _observe_run(self, items: Sequence[_Item], started: float) -> None:
+        elapsed = time.monotonic() - started
+        self._recent_run_s += (elapsed - self._recent_run_s) * 0.2
+        for item in items:
+            item.timing.infer_s = elapsed
+
     async def _run_batch(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
         started = time.monotonic()
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
             item.started = True
-        if self._inline_ok and self._recent_run_s < _INLINE_BELOW_S:
-            # A model this fast costs less than the hand-over to a thread and back (~90 us here):
-            # run it on the event loop. A slow batch raises the average and moves it back off.
-            # Only runtimes that are pure compute qualify: custom Python code may block.
+        if self._fast():
             outputs = self._run_sync(items)
         else:
             outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items)
-        elapsed = time.monotonic() - started
-        self._recent_run_s += (elapsed - self._recent_run_s) * 0.2
-        for item in items:
-            item.timing.infer_s = elapsed
+        self._observe_run(items, started)
         return outputs
 
     def _run_sync(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:

@@ -172,3 +172,35 @@ async def test_close_drains_the_queue():
     runtime.gate.set()
     await closing
     assert [f.result() for f in futures] == [0, 10, 20, 30, 40]
+
+
+async def test_idle_batcher_runs_a_fast_request_at_once_through_run_now():
+    runtime = Runtime()
+    taken = []
+
+    def run_now(items):
+        taken.append(list(items))
+        return [i * 10 for i in items]
+
+    b = Batcher(runtime, max_batch_size=8, max_delay_ms=5, max_queue_size=10, run_now=run_now)
+    b.start()
+    assert await b.submit(4) == 40
+    assert taken == [[4]] and runtime.batches == []  # no hand-over to the worker
+    await b.close()
+
+
+async def test_run_now_is_skipped_while_a_batch_runs_and_may_decline():
+    runtime = Runtime()
+    runtime.gate.clear()
+    declined = []
+    b = Batcher(runtime, max_batch_size=8, max_delay_ms=0, max_queue_size=10,
+                run_now=lambda items: declined.append(list(items)))  # returns None: declines
+    b.start()
+    first = asyncio.ensure_future(b.submit(1))
+    await runtime.started.wait()
+    second = asyncio.ensure_future(b.submit(2))  # busy: straight to the queue
+    await asyncio.sleep(0)
+    runtime.gate.set()
+    assert await asyncio.gather(first, second) == [10, 20]
+    assert declined == [[1]]  # asked once, when idle; declined; the worker ran both
+    await b.close()
