@@ -152,3 +152,11 @@ def test_cli_retrain_empty_folder_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "modelport", "retrain", str(tmp_path / "empty"), "--name", "x"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "at least 2" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["../escape", "", ".hidden", "a/b"])
+def test_model_name_must_be_a_plain_directory_name(dataset, tmp_path, name):
+    root, _, _ = dataset
+    with pytest.raises(BadInput, match="invalid model name"):
+        retrain(root, name=name, output=tmp_path / "m")
+    assert not (tmp_path / "escape").exists()

@@ -26,6 +26,7 @@ from modelport import default_model, repository
 from modelport.bundle import write_config
 from modelport.errors import BadInput, MissingExtra
 from modelport.model import Model
+from modelport.registry import check_name
 from modelport.retrain import dataset as dataset_module
 from modelport.retrain.features import Extraction, FeatureCache, backbone_id, extract
 from modelport.retrain.head import Head
@@ -58,7 +59,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
         import sklearn  # noqa: F401
     except ImportError as exc:
         raise MissingExtra(f"retraining needs scikit-learn and onnx ({exc.name} is missing): {INSTALL_HINT}") from None
-    _check_name(name)
+    check_name(name)  # the same rule the repository and the server apply
     data, output = Path(data), Path(output)
     split = dataset_module.scan(data, val_fraction=val_fraction, seed=seed, min_per_class=min_per_class)
     model = Model.load(repository.resolve(backbone))
@@ -139,11 +140,6 @@ def _publish(model_dir: Path, staging: Path, name: str, spec, metadata: dict) ->
         except OSError:
             if not (model_dir / str(version)).exists():
                 raise
-
-
-def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or name in ("..",):
-        raise BadInput(f"model name {name!r} must be a plain directory name")
 
 
 def _check_survivors(classes, train, val, extraction: Extraction) -> None:
