@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,8 +103,6 @@ def main() -> None:
             while not stop:
                 depths.append(queue_depth(url))
                 time.sleep(0.2)
-
-        import threading
 
         sampler = threading.Thread(target=sample)
         sampler.start()

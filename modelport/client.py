@@ -30,8 +30,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from modelport import wire
-from modelport.errors import (BadInput, DeadlineExceeded, ModelportError, NotFound, Overloaded, PayloadTooLarge,
-                              Unavailable)
+from modelport.errors import ModelportError
 from modelport.predictions import Prediction
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -82,21 +81,22 @@ def _outputs(reply: dict) -> dict[str, np.ndarray]:
     return {name: wire.tensor_from_wire(value, name) for name, value in reply["outputs"].items()}
 
 
-_STATUS = {400: BadInput, 404: NotFound, 413: PayloadTooLarge, 504: DeadlineExceeded}
+# For servers that send no "kind" (another V2 or TF Serving server): the closest kind by status.
+_KIND_BY_STATUS = {400: "bad_input", 404: "not_found", 413: "too_large", 429: "overloaded", 503: "unavailable",
+                   504: "deadline_exceeded"}
 
 
 def _http_error(status: int, body: bytes, headers: Mapping[str, str]) -> ModelportError:
+    """An HTTP error reply -> the same exception class a ZeroMQ reply of that kind gives."""
     try:
         parsed = json.loads(body)
-        message = parsed.get("error", body.decode(errors="replace")) if isinstance(parsed, dict) else str(parsed)
-        input_name = parsed.get("input") if isinstance(parsed, dict) else None
     except ValueError:
-        message, input_name = body.decode(errors="replace") or f"HTTP {status}", None
-    if status in (429, 503):
-        retry = float(headers.get("retry-after", 1))
-        cls = Overloaded if "queue" in message or status == 429 else Unavailable
-        return cls(message, retry_after_s=retry)
-    return _STATUS.get(status, ModelportError)(message, input_name=input_name)
+        parsed = None
+    if not isinstance(parsed, dict):
+        parsed = {"error": body.decode(errors="replace") or f"HTTP {status}"}
+    return wire.error_from_wire({"kind": parsed.get("kind", _KIND_BY_STATUS.get(status, "internal")),
+                                 "message": parsed.get("error", ""), "input": parsed.get("input"),
+                                 "retry_after_s": float(headers.get("retry-after", 1))})
 
 
 def _v2_request(inputs: Mapping[str, np.ndarray] | Sequence[bytes], outputs: list[dict]) -> tuple[bytes, dict]:

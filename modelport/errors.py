@@ -18,7 +18,8 @@ class ModelportError(Exception):
         self.input_name = input_name
 
     def body(self) -> dict:
-        body = {"error": self.message}
+        # "kind" is ours, beside the contract's fields: a client maps it back to this class.
+        body = {"error": self.message, "kind": self.kind}
         if self.input_name is not None:
             body["input"] = self.input_name
         return body

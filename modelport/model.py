@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from modelport.runtime import TensorSpec, runtime_class
 
 
 class Model:
-    """Thread-safe for concurrent ``decode``; ``predict`` calls are serialised by the caller."""
+    """Safe to use from several threads: decoding is pure, and an ONNX Runtime session may run
+    concurrently (the server still runs one batch per model at a time, by design of its batcher)."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
         self.bundle = bundle
@@ -29,7 +29,6 @@ class Model:
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()
-        self._lock = threading.Lock()
         self.warm_up()
 
     @classmethod
@@ -47,13 +46,15 @@ class Model:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 crops -> (N, classes) probabilities."""
-        feeds = {self.input.name: imaging.to_model_input(images, self.spec)}
-        return self.probabilities(self.run(feeds)[self.output.name])
+        return self.probabilities(self.run_crops(images, [self.output.name])[self.output.name])
+
+    def run_crops(self, images: np.ndarray, output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """(N, H, W, 3) uint8 crops -> raw outputs; layout and normalisation once for the batch."""
+        return self.run({self.input.name: imaging.to_model_input(images, self.spec)}, output_names)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Raw tensors in, raw tensors out, one batch at a time."""
-        with self._lock:
-            return self.runtime.run(feeds, output_names)
+        """Raw tensors in, raw tensors out."""
+        return self.runtime.run(feeds, output_names)
 
     def probabilities(self, output: np.ndarray) -> np.ndarray:
         return softmax(output) if self.bundle.output.kind == "logits" else output

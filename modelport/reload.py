@@ -63,15 +63,17 @@ class Reloader:
         self._lock = asyncio.Lock()  # one sync at a time: the watcher's and the API's
         self._next_wake: float | None = None
         self._unsettled: set[tuple[str, int]] = set()  # version directories whose files are still changing
-        self.load_failures = 0
 
-    async def run(self) -> None:
-        """Load what the repository holds now, report ready, then follow its changes forever."""
+    async def load_initial(self) -> None:
+        """Load what the repository holds now (once its files are still), then mark the registry ready."""
         await self.sync()
         while self._unsettled:  # at start-up too, a version counts only once its files are still
             await asyncio.sleep(max(0.01, (self._next_wake or time.monotonic()) - time.monotonic()))
             await self.sync()
         self.registry.ready = True
+
+    async def follow(self) -> None:
+        """Follow the repository's changes until cancelled (returns at once with watch off)."""
         if not self.watch:
             return
         watcher = asyncio.ensure_future(self._watch_files())
@@ -88,11 +90,6 @@ class Reloader:
                 await self.sync()
         finally:
             watcher.cancel()
-
-    async def close(self) -> None:
-        async with self._lock:
-            for service in self.registry.services():
-                await self.registry.retire(service.name, service.version)
 
     # -- the repository API's operations ------------------------------------------------------------
 
@@ -227,7 +224,6 @@ class Reloader:
             delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (attempts - 1))
             self._failures[key] = _Failure(sig, attempts, now + delay)
             self._wake_at(now + delay)
-            self.load_failures += 1
             self.registry.set_state(name, version, FAILED, reason)
             logger.error("model %s version %s FAILED (attempt %d, next in %.0f s): %s", name, version, attempts,
                          delay, reason)

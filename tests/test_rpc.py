@@ -166,6 +166,9 @@ def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):
             with pytest.raises(Overloaded) as info:
                 clients[3].infer("gate", {"image": pixels})
             assert info.value.retry_after_s >= 1
+            with Client(server.url, model="gate") as over_http, pytest.raises(Overloaded) as info:
+                over_http.infer("gate", {"image": pixels})  # the same kind over HTTP
+            assert info.value.retry_after_s >= 1
             gate.open()
             assert all("logits" in f.result() for f in [running, *queued])
         for c in clients:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from modelport.errors import ModelportError
-from modelport.imaging import lower_priority, to_model_input
+from modelport.imaging import lower_priority
 from modelport.model import Model
 
 FEATURES_OUTPUT = "features"
@@ -124,8 +124,7 @@ def extract(model: Model, paths: Sequence[Path], cache: FeatureCache, *, batch_s
                     crops.append(crop)
                     good.append(path)
             if crops:
-                batch = to_model_input(np.stack(crops), model.spec)
-                rows = model.run({model.input.name: batch}, [FEATURES_OUTPUT])[FEATURES_OUTPUT]
+                rows = model.run_crops(np.stack(crops), [FEATURES_OUTPUT])[FEATURES_OUTPUT]
                 for path, row in zip(good, rows):
                     result.features[path] = row
                     new_rows[keys[path]] = row

@@ -151,18 +151,14 @@ async def _load_static(app: Starlette, bundles, registry: Registry, load) -> Non
 
 
 async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
-    task = asyncio.ensure_future(reloader.run())
     try:
-        while not reloader.registry.ready:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
+        await reloader.load_initial()
     except Exception as exc:
         _start_failed(app, exc)
         return
     app.state.ready = True
     logger.info("ready: %d model version(s) from %s", len(reloader.registry), reloader.root)
-    await task
+    await reloader.follow()
 
 
 def _start_failed(app: Starlette, exc: Exception) -> None:

@@ -34,7 +34,7 @@ def internal_error(request: Request, exc: BaseException) -> Response:
     """A bug: the client gets a generic message and an id to quote; the log gets the traceback."""
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     logger.error("request %s %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
-    return json_response({"error": "internal error", "request_id": request_id}, 500)
+    return json_response({"error": "internal error", "kind": "internal", "request_id": request_id}, 500)
 
 
 def parse_json(body: bytes, what: str = "request body") -> Any:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modelport.errors import BadInput
+from modelport.runtime import V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
 from modelport.service import ModelService
 
@@ -126,7 +127,7 @@ def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes
     if isinstance(first, dict):
         return [_b64(row) for row in rows], None
     try:
-        tensor = np.asarray(rows, dtype=np.uint8 if graph_input.datatype == "UINT8" else np.float32)
+        tensor = np.asarray(rows, dtype=V2_TO_NUMPY.get(graph_input.datatype, np.float32))
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadInput(f"instances are neither {{\"b64\": ...}} images nor a {graph_input.datatype} tensor: {exc}",
                        input_name=graph_input.name) from None
