@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelport import untrusted
 from modelport.errors import BundleError
 from modelport.runtime import RUNTIMES
 
@@ -165,11 +166,11 @@ def _read_labels(labels_file: Path) -> tuple[str, ...]:
 
 
 def _version_from_dir(path: Path) -> int:
-    return int(path.name) if path.name.isdigit() else 1
+    return int(path.name) if untrusted.ascii_digits(path.name) else 1
 
 
 def _name_from_dir(path: Path) -> str:
-    return path.parent.name if path.name.isdigit() else path.name
+    return path.parent.name if untrusted.ascii_digits(path.name) else path.name
 
 
 def _check_choice(config_path: Path, key: str, value: str, choices: tuple[str, ...]) -> None:

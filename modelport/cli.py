@@ -183,6 +183,9 @@ def build_default() -> None:
               help="Default request deadline; the X-Request-Timeout-Ms header may lower it.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16, show_default=True, help="Request body limit (413 above).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Largest image accepted, in pixels (default 40 MP).")
+@click.option("--max-images-per-request", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images (batch rows) one request may carry (413 above); a request runs as batches of at most "
+                   "max_batch_size.")
 @click.option("--exit-timeout-s", type=click.FloatRange(min=0), default=30, show_default=True,
               help="On SIGTERM, longest wait for in-flight requests.")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0.1), default=30, show_default=True,
@@ -190,11 +193,18 @@ def build_default() -> None:
 @click.option("--write-timeout-s", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="A client that reads none of its responses for this long is cut off.")
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
+@click.option("--cluster", default=None, envvar="MODELPORT_CLUSTER",
+              help="Join a cluster: etcd://HOST:PORT/NAME. Registers once every model is ready (see `modelport balance`).")
+@click.option("--advertise", default=None, help="Host name or address others reach this server at (default: --host).")
+@click.option("--lease-ttl-s", type=click.IntRange(min=1), default=3, show_default=True,
+              help="With --cluster: the registry forgets a worker that stops refreshing for this long.")
+@click.option("--drain-s", type=click.FloatRange(min=0), default=3.0, show_default=True,
+              help="With --cluster, on SIGTERM: keep serving this long after announcing 'draining'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
           port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
-          max_body_mb, max_pixels, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
-          log_level) -> None:
+          max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
+          cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
     A repository is followed while serving (new versions load, then take traffic; removed ones
@@ -209,6 +219,12 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
 
     if source and repository_dir:
         raise click.UsageError("give SOURCE or --repository, not both")
+    if cluster is not None:
+        from modelport.cluster.etcd import client_library
+        from modelport.cluster.members import ClusterURL
+
+        ClusterURL.parse(cluster)  # a malformed URL is an error now, not after the models load
+        client_library()
     root = repository_dir or (Path(source) if source else None)
     bundles = None
     if root is None:
@@ -224,7 +240,8 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     config = ServerConfig(
         host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
-        runtime_threads=runtime_threads, log_level=log_level,
+        runtime_threads=runtime_threads, log_level=log_level, max_images_per_request=max_images_per_request,
+        cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s, drain_s=drain_s,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )

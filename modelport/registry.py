@@ -10,30 +10,16 @@ LOADING -> FAILED (with a reason) when a version cannot be loaded.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import re
 from dataclasses import dataclass, field
 
+from modelport import untrusted
+from modelport.memory import release_memory
 from modelport.errors import BadInput, NotFound, Unavailable
 from modelport.service import ModelService
 
 LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS after an unload.
-
-    A runtime session frees tens of MB in many blocks; glibc keeps them in its arenas, so RSS
-    ratchets up over load/unload cycles unless asked to trim (measured: +16 % over 100 cycles
-    of the default model without this).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -72,7 +58,8 @@ class Registry:
             if not self.ready:
                 raise Unavailable("models are still loading", retry_after_s=1)
             raise NotFound(f"unknown model {name!r}")
-        if version is None or version == "":
+        version = untrusted.version(version)
+        if version is None:
             ready = [v for v, s in model.versions.items() if s.state == READY]
             if not ready:
                 raise Unavailable(f"model {name!r} has no version ready", retry_after_s=1) \
@@ -167,10 +154,9 @@ class Registry:
             del self._models[name]
 
     def _version_number(self, name: str, model: _Model, version: str | int) -> int:
-        text = str(version)
-        if text.isdigit():
-            return int(text)
-        check_name(text, "version label")
-        if text not in model.labels:
-            raise NotFound(f"model {name!r} has no version label {text!r}")
-        return model.labels[text]
+        if isinstance(version, int):
+            return version
+        check_name(version, "version label")
+        if version not in model.labels:
+            raise NotFound(f"model {name!r} has no version label {version!r}")
+        return model.labels[version]

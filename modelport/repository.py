@@ -6,7 +6,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelport import default_model
+from modelport import default_model, untrusted
 from modelport.bundle import CONFIG_FILE
 from modelport.errors import BundleError, NotFound
 
@@ -37,7 +37,7 @@ def resolve(ref: str | None) -> Path:
 
 def versions(model_dir: Path) -> list[Path]:
     """Version directories of a model, lowest first. Hidden or non-numeric entries are ignored."""
-    found = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    found = [p for p in model_dir.iterdir() if p.is_dir() and untrusted.ascii_digits(p.name)] if model_dir.is_dir() else []
     return sorted(found, key=lambda p: int(p.name))
 
 
@@ -65,7 +65,7 @@ def scan(repository: Path) -> dict[str, Path]:
 
 
 def _bundle_name(path: Path) -> str:
-    return path.parent.name if path.name.isdigit() else path.name
+    return path.parent.name if untrusted.ascii_digits(path.name) else path.name
 
 
 # -- a watched repository: per-model configuration and version policy ------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from modelport import wire
+from modelport import untrusted, wire
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
 from modelport.registry import Registry
 from modelport.service import ModelService, Timing
@@ -42,6 +42,10 @@ class RpcServer:
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._tasks: set[asyncio.Task] = set()
         self._receiver: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
 
     def start(self) -> None:
         self._receiver = asyncio.get_running_loop().create_task(self._receive(), name="zmq-receive")
@@ -86,8 +90,8 @@ class RpcServer:
             if op == "ping":
                 reply = {"id": request_id, "ok": True}
             else:
-                service = self._models().get(request["model"], request.get("version")) if request.get("model") \
-                    else self._models().default()
+                service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
+                    if request.get("model") else self._models().default()
                 reply = await self._infer(service, op, request)
             status = 200
         except ModelportError as exc:
@@ -107,10 +111,7 @@ class RpcServer:
         timing = Timing()
         timeout_ms = self._timeout_ms
         if "timeout_ms" in request:
-            requested = request["timeout_ms"]
-            if not isinstance(requested, (int, float)) or isinstance(requested, bool) or requested <= 0:
-                raise BadInput(f"timeout_ms must be a positive number, got {requested!r}")
-            timeout_ms = min(timeout_ms, requested)
+            timeout_ms = min(timeout_ms, untrusted.positive_number(request["timeout_ms"], "timeout_ms"))
         deadline = timing.arrived + timeout_ms / 1000
         images = request.get("images")
         if images is not None and (not isinstance(images, list) or not all(isinstance(i, bytes) for i in images)):
@@ -118,14 +119,12 @@ class RpcServer:
         if op == "classify":
             if images is None:
                 raise BadInput("classify needs images", input_name="images")
-            k = request.get("top_k")
-            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-                raise BadInput(f"top_k must be a positive integer, got {k!r}")
+            k = untrusted.optional_integer(request.get("top_k"), "top_k", minimum=1)
             rows = await service.classify(images, k=k, deadline=deadline, timing=timing, input_name="images")
             return {"id": request.get("id"), "ok": True, "model": service.name, "version": str(service.version),
                     "predictions": [[[p.label, p.index, p.score] for p in row] for row in rows]}
         if op != "infer":
-            raise BadInput(f"unknown op {op!r}; expected one of {', '.join(wire.PROTOCOL_OPS)}")
+            raise BadInput(f"unknown op {untrusted.show(op)}; expected one of {', '.join(wire.PROTOCOL_OPS)}")
         names = request.get("outputs")
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
             raise BadInput("outputs must be a list of output names")

@@ -15,7 +15,7 @@ import numpy as np
 
 from modelport.batching import Batcher, BatchInfo
 from modelport.bundle import Serving
-from modelport.errors import BadInput, DeadlineExceeded
+from modelport.errors import BadInput, DeadlineExceeded, PayloadTooLarge
 from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
 from modelport.model import Model
 from modelport.predictions import Prediction
@@ -54,6 +54,7 @@ class Stats:
 
 # Batches whose recent average run time is below this run on the event loop, not a thread.
 _INLINE_BELOW_S = 0.0002
+DEFAULT_MAX_IMAGES = 256  # per request; a request runs as batches of at most max_batch_size
 
 
 class Observer(Protocol):
@@ -75,12 +76,14 @@ class _Item:
 class ModelService:
     def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, infer_pool: ThreadPoolExecutor | None = None,
                  serving: Serving | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, observer: "Observer | None" = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES,
+                 observer: "Observer | None" = None) -> None:
         self.model = model
         self.name = model.name
         self.version = model.version
         self.serving = serving or model.bundle.serving
         self.max_pixels = max_pixels
+        self.max_images = max_images
         self.stats = Stats()
         self._decode_pool = decode_pool
         # The batcher runs one batch at a time per model (ORT already spreads a batch over every
@@ -120,6 +123,7 @@ class ModelService:
                            input_name: str | None = None) -> dict[str, np.ndarray]:
         if not images:
             raise BadInput("no image given", input_name=input_name)
+        self.check_rows(len(images), input_name)
         _check_deadline(deadline)
         with self.batcher.admit():
             start = time.monotonic()
@@ -148,6 +152,17 @@ class ModelService:
                            input_name=spec.name)
         if array.shape[0] < 1:
             raise BadInput(f"input {spec.name!r} has an empty batch", input_name=spec.name)
+        self.check_rows(array.shape[0], spec.name)
+        # NaN or Infinity (from JSON's 1e999, or raw bytes) would come back as outputs no JSON
+        # writer may emit; a model's answer to them means nothing anyway.
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadInput(f"input {spec.name!r} holds NaN or infinite values", input_name=spec.name)
+
+    def check_rows(self, rows: int, input_name: str | None = None) -> None:
+        """The per-request image limit (an image is one row of the batch dimension)."""
+        if rows > self.max_images:
+            raise PayloadTooLarge(f"{rows} images in one request is over the limit of {self.max_images}; "
+                                  f"send them in several requests", input_name=input_name)
 
     def resolve_outputs(self, names: Sequence[str] | None) -> list[str]:
         if not names:
@@ -167,16 +182,20 @@ class ModelService:
                       timing: Timing) -> dict[str, np.ndarray]:
         timing.enqueued = time.monotonic()
         start = time.monotonic()
-        item = _Item(array, is_crop, timing)
+        # A request never runs as a batch bigger than the model's: more rows are split into
+        # items of at most max_batch_size (a runtime's memory grows with the largest batch shape
+        # it has seen, and does not give it back).
+        step = self.batcher.max_batch_size
+        items = [_Item(array[i:i + step], is_crop, timing) for i in range(0, len(array), step)]
         try:
             # The deadline holds during compute too: a hung or slow model call is answered 504 at
             # the deadline (its batch runs on; the answer is dropped) instead of holding the client.
             async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                result = await self.batcher.submit(item, rows=len(array), deadline=deadline)
+                result = await self._submit_items(items, deadline)
         except TimeoutError:
             self.stats.fail_count += 1
             self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
-            if item.started:
+            if any(item.started for item in items):
                 raise DeadlineExceeded("deadline passed while the model was computing; answer dropped") from None
             raise DeadlineExceeded("deadline passed while queued; not computed") from None
         except Exception:
@@ -186,6 +205,18 @@ class ModelService:
         self.stats.success_count += 1
         self.stats.success_ns += int((time.monotonic() - timing.arrived) * 1e9)
         return result
+
+    async def _submit_items(self, items: list[_Item], deadline: float | None) -> dict[str, np.ndarray]:
+        if len(items) == 1:
+            return await self.batcher.submit(items[0], rows=len(items[0].array), deadline=deadline)
+        tasks = [asyncio.ensure_future(self.batcher.submit(item, rows=len(item.array), deadline=deadline))
+                 for item in items]
+        try:
+            parts = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one part failed, or the request was cancelled: the rest are not run
+                task.cancel()
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _fast(self) -> bool:
         # A model this fast costs less than the hand-over to a thread and back (~90 us here): run

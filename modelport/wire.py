@@ -33,12 +33,13 @@ size is dropped by ZeroMQ, which also disconnects that peer (its DEALER reconnec
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from modelport import errors
+from modelport import errors, untrusted
 
 PROTOCOL_OPS = ("classify", "infer", "ping")
 _KINDS = {cls.kind: cls for cls in (errors.BadInput, errors.NotFound, errors.PayloadTooLarge, errors.Overloaded,
@@ -63,20 +64,12 @@ def tensor_from_wire(value: Any, name: str) -> np.ndarray:
     """A wire tensor -> array; the declared shape is checked against the bytes before any allocation."""
     if not isinstance(value, dict):
         raise errors.BadInput(f"tensor {name!r} must be a map with dtype, shape and data", input_name=name)
-    dtype, shape, data = value.get("dtype"), value.get("shape"), value.get("data")
-    try:
-        dtype = np.dtype(dtype).newbyteorder("<")
-    except (TypeError, ValueError):
-        raise errors.BadInput(f"tensor {name!r}: unknown dtype {dtype!r}", input_name=name) from None
-    if dtype.kind not in "biuf":
-        raise errors.BadInput(f"tensor {name!r}: dtype {dtype} is not numeric", input_name=name)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise errors.BadInput(f"tensor {name!r}: shape must be a list of non-negative integers", input_name=name)
+    dtype = untrusted.dtype(value.get("dtype"), f"tensor {name!r}", input_name=name).newbyteorder("<")
+    shape = untrusted.shape(value.get("shape"), f"tensor {name!r}: shape", input_name=name)
+    data = value.get("data")
     if not isinstance(data, bytes):
         raise errors.BadInput(f"tensor {name!r}: data must be bytes", input_name=name)
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)  # a big int for a huge declared shape: nothing allocated
     if count * dtype.itemsize != len(data):
         raise errors.BadInput(f"tensor {name!r}: shape {shape} of {dtype.name} needs {count * dtype.itemsize} bytes, "
                               f"got {len(data)}", input_name=name)

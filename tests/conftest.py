@@ -107,3 +107,19 @@ def default_server(default_bundle, tmp_path_factory):
     server = Server(log=tmp_path_factory.mktemp("logs") / "default.log", zmq_port=free_port()).wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def hardened_server(tmp_path_factory):
+    """The tiny float model (max_batch_size 4, at most 64 images a request) over HTTP and ZeroMQ,
+    for the fuzz and hardening tests. Yields the server and the graph's weights."""
+    import fuzzing
+    from servers import Server, free_port
+
+    root = tmp_path_factory.mktemp("hardened")
+    make_tiny_bundle(root / "repo" / fuzzing.MODEL / "1", size=8, serving={"top_k": 3, "max_batch_size": 4})
+    server = Server(str(root / "repo"), "--max-images-per-request", "64", "--admin-token", fuzzing.ADMIN_TOKEN,
+                    "--max-queue-size", "1000", log=root / "server.log", zmq_port=free_port()).wait_ready()
+    yield server, tiny_onnx(root / "w.onnx")
+    server.stop()
+    assert "Traceback" not in server.log.read_text(), "the server logged a traceback"

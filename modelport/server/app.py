@@ -13,12 +13,13 @@ from typing import Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
+from modelport.memory import trim_when_idle
 from modelport.model import Model
 from modelport.server import kserve, tfserving, upload
 from modelport.server.config import ServerConfig
@@ -51,7 +52,9 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
     return json_response({"error": exc.detail}, exc.status_code, exc.headers)
 
 
-async def _client_gone(request: Request, exc: ClientGone) -> Response:
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientDisconnect):  # left while sending its body: one line, not a traceback
+        logger.info("client disconnected before its request body arrived: %s %s", request.method, request.url.path)
     return Response(status_code=499)  # nobody reads it; logged in metrics as 499, nginx's "client closed"
 
 
@@ -79,26 +82,40 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         else:
             app.state.reloader = None
             loading = asyncio.get_running_loop().create_task(_load_static(app, bundles, registry, load))
+        trimming = asyncio.get_running_loop().create_task(trim_when_idle(
+            lambda: not any(s.batcher.busy or s.batcher.queued for s in registry.services())))
         rpc = None
         if config.zmq_port is not None:
             from modelport.rpc import RpcServer
 
-            rpc = RpcServer(lambda: registry, address=f"tcp://{config.host}:{config.zmq_port}",
+            port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
+            rpc = RpcServer(lambda: registry, address=f"tcp://{config.host}:{port}",
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
+        app.state.membership = None
+        if config.cluster is not None:
+            from modelport.server.cluster import membership
+
+            app.state.membership = membership(config, registry, metrics, rpc)
+            app.state.on_ready.append(app.state.membership.start)
         try:
             yield
         finally:
-            # Shutdown order: not ready -> (uvicorn has stopped accepting and finished in-flight
-            # HTTP requests) -> ZeroMQ stops taking requests and finishes its own -> stop
+            # Shutdown order: not ready -> (in a cluster: "draining" published, and served on
+            # for drain_s so that balancers stop sending) -> (uvicorn has stopped accepting and
+            # finished in-flight HTTP requests) -> ZeroMQ stops taking requests and finishes
+            # its own -> leave the cluster (lease revoked: the key goes at once) -> stop
             # following the repository -> drain every batcher -> unload models.
             app.state.ready = False
             if rpc is not None:
                 await rpc.close(config.exit_timeout_s)
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loading
+            if app.state.membership is not None:
+                await app.state.membership.leave()
+            for task in (loading, trimming):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             for service in registry.services():
                 await registry.retire(service.name, service.version)
             decode_pool.shutdown(wait=True)
@@ -109,8 +126,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
               *kserve.routes(), *tfserving.routes()]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Observe, metrics=metrics), Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
-        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone,
+        middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id), Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
+        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone, ClientDisconnect: _client_gone,
                             HTTPException: _http_exception, Exception: internal_error},
         lifespan=lifespan,
     )
@@ -118,6 +135,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     app.state.metrics = metrics
     app.state.models = registry
     app.state.ready = False
+    app.state.on_ready = []  # called once every model is loaded and warm
     return app
 
 
@@ -128,7 +146,8 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
-                           max_pixels=config.max_pixels, observer=metrics)
+                           max_pixels=config.max_pixels, max_images=config.max_images_per_request,
+                           observer=metrics)
     service.start()
     metrics.queue_depth.labels(service.name, str(service.version)).set_function(lambda b=service.batcher: b.queued)
     return service
@@ -146,7 +165,7 @@ async def _load_static(app: Starlette, bundles, registry: Registry, load) -> Non
         _start_failed(app, exc)
         return
     registry.ready = True
-    app.state.ready = True
+    _now_ready(app)
     logger.info("ready: %d model(s)", len(registry))
 
 
@@ -156,9 +175,15 @@ async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
     except Exception as exc:
         _start_failed(app, exc)
         return
-    app.state.ready = True
+    _now_ready(app)
     logger.info("ready: %d model version(s) from %s", len(reloader.registry), reloader.root)
     await reloader.follow()
+
+
+def _now_ready(app: Starlette) -> None:
+    app.state.ready = True
+    for hook in app.state.on_ready:
+        hook()
 
 
 def _start_failed(app: Starlette, exc: Exception) -> None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from modelport.imaging import DEFAULT_MAX_PIXELS
+from modelport.service import DEFAULT_MAX_IMAGES
 
 DEFAULT_PORT = 12480  # the article's port
 
@@ -26,6 +27,7 @@ class ServerConfig:
     zmq_port: int | None = None  # ZeroMQ front-end beside HTTP, same host and models; None = off
     max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_images_per_request: int = DEFAULT_MAX_IMAGES  # 413 above; below, split into batches of max_batch_size
     max_json_depth: int = 32
     max_inputs: int = 16  # tensors in one V2 request
     timeout_ms: float = 30_000  # server default deadline; a request header may only lower it
@@ -38,4 +40,9 @@ class ServerConfig:
     settle_s: float = 0.5  # a version directory counts once its files stop changing for this long
     poll_s: float = 1.0  # repository rescan interval, besides file-system events
     admin_token: str | None = None  # enables the V2 repository API (index, load, unload); None = off
+    worker_id: str = ""  # names this server in every response and in the cluster; set at start
+    cluster: str | None = None  # etcd://HOST:PORT/NAME: register there once ready; None = standalone
+    advertise: str | None = None  # the host others reach this server at (default: the bound host)
+    lease_ttl_s: int = 3  # registry key lifetime without refresh (a dead worker's key goes after this)
+    drain_s: float = 3.0  # SIGTERM in a cluster: serve on this long after announcing "draining"
     log_level: str = "info"

@@ -11,7 +11,8 @@ from typing import Any, Awaitable, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from modelport.errors import BadInput, ModelportError
+from modelport import untrusted
+from modelport.errors import ModelportError
 from modelport.server.config import ServerConfig
 from modelport.service import ModelService, Timing
 
@@ -37,26 +38,11 @@ def internal_error(request: Request, exc: BaseException) -> Response:
     return json_response({"error": "internal error", "kind": "internal", "request_id": request_id}, 500)
 
 
-def parse_json(body: bytes, what: str = "request body") -> Any:
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise BadInput(f"{what}: JSON nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{what}: not valid JSON: {exc}") from None
-
-
 def deadline(request: Request, config: ServerConfig, timing: Timing) -> float:
     timeout_ms = config.timeout_ms
     header = request.headers.get(DEADLINE_HEADER)
     if header is not None:
-        try:
-            requested = float(header)
-        except ValueError:
-            raise BadInput(f"{DEADLINE_HEADER}: not a number: {header!r}") from None
-        if not requested > 0:
-            raise BadInput(f"{DEADLINE_HEADER}: must be positive, got {header!r}")
-        timeout_ms = min(timeout_ms, requested)
+        timeout_ms = min(timeout_ms, untrusted.positive_number(header, DEADLINE_HEADER))
     return timing.arrived + timeout_ms / 1000
 
 

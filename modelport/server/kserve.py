@@ -20,9 +20,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import modelport
+from modelport import untrusted
 from modelport.errors import BadInput, Forbidden, Unauthorized
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
-from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
+from modelport.server.http import begin, deadline, json_response, unless_disconnected
 from modelport.service import ModelService
 
 ENCODED_INPUT = "image_bytes"
@@ -33,7 +34,8 @@ EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_repos
 # -- health and metadata ------------------------------------------------------------------------
 
 async def server_metadata(request: Request) -> Response:
-    return json_response({"name": "modelport", "version": modelport.__version__, "extensions": EXTENSIONS})
+    return json_response({"name": "modelport", "version": modelport.__version__, "extensions": EXTENSIONS,
+                          "worker": request.app.state.config.worker_id})
 
 
 async def live(request: Request) -> Response:
@@ -80,7 +82,7 @@ async def infer(request: Request) -> Response:
     service = _service(request)
     timing = begin(request, service)
     header, binary = _split_binary(request, body)
-    payload = parse_json(header)
+    payload = untrusted.json_body(header)
     if not isinstance(payload, dict):
         raise BadInput("request body must be a JSON object")
     inputs = payload.get("inputs")
@@ -89,8 +91,10 @@ async def infer(request: Request) -> Response:
     if len(inputs) != 1:
         raise BadInput(f"model {service.name!r} takes one input ({service.model.input.name!r} or "
                        f"{ENCODED_INPUT!r}), got {len(inputs)}")
-    requested = _requested_outputs(payload, service)
-    binary_default = bool((payload.get("parameters") or {}).get("binary_data_output", False))
+    parameters = untrusted.mapping(payload.get("parameters"), "parameters")
+    binary_default = untrusted.flag(parameters.get("binary_data_output"), "parameters.binary_data_output")
+    requested = _requested_outputs(payload, service, binary_default)
+    request_id = untrusted.request_id(payload["id"]) if "id" in payload else None
 
     tensor = inputs[0]
     name, array = _decode_input(tensor, binary, service)
@@ -102,16 +106,12 @@ async def infer(request: Request) -> Response:
     outputs = await unless_disconnected(request, work)
 
     response: dict[str, Any] = {"model_name": service.name, "model_version": str(service.version)}
-    if "id" in payload:
-        response["id"] = payload["id"]
+    if request_id is not None:
+        response["id"] = request_id
     out_entries, chunks = [], []
-    for out_name, params in requested:
-        k = params.get("classification")
-        if k is not None:
-            value = _classification(service, outputs[out_name], k)
-        else:
-            value = outputs[out_name]
-        entry, chunk = _encode_output(out_name, value, bool(params.get("binary_data", binary_default)))
+    for out_name, k, binary in requested:
+        value = outputs[out_name] if k is None else _classification(service, outputs[out_name], k)
+        entry, chunk = _encode_output(out_name, value, binary)
         out_entries.append(entry)
         if chunk is not None:
             chunks.append(chunk)
@@ -123,22 +123,22 @@ async def infer(request: Request) -> Response:
                     headers={BINARY_HEADER: str(len(header_bytes))})
 
 
-def _requested_outputs(payload: dict, service: ModelService) -> list[tuple[str, dict]]:
+def _requested_outputs(payload: dict, service: ModelService,
+                       binary_default: bool) -> list[tuple[str, int | None, bool]]:
+    """(name, classification k or None, binary) for each output asked for."""
     outputs = payload.get("outputs")
     if outputs is None:
-        return [(name, {}) for name in service.output_names]
+        return [(name, None, binary_default) for name in service.output_names]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
         raise BadInput("'outputs' must be a list of objects with a 'name'")
     result = []
     for o in outputs:
         service.resolve_outputs([o["name"]])
-        params = o.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadInput(f"output {o['name']!r}: 'parameters' must be an object")
-        k = params.get("classification")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise BadInput(f"output {o['name']!r}: classification must be a positive integer, got {k!r}")
-        result.append((o["name"], params))
+        params = untrusted.mapping(o.get("parameters"), f"output {o['name']!r}: parameters")
+        k = untrusted.optional_integer(params.get("classification"), f"output {o['name']!r}: classification",
+                                       minimum=1)
+        binary = untrusted.flag(params.get("binary_data"), f"output {o['name']!r}: binary_data", binary_default)
+        result.append((o["name"], k, binary))
     return result
 
 
@@ -146,9 +146,7 @@ def _split_binary(request: Request, body: bytes) -> tuple[bytes, bytes]:
     raw = request.headers.get(BINARY_HEADER)
     if raw is None:
         return body, b""
-    if not raw.isdigit() or int(raw) > len(body):
-        raise BadInput(f"{BINARY_HEADER} = {raw!r} does not fit a body of {len(body)} bytes")
-    n = int(raw)
+    n = untrusted.content_length(raw, BINARY_HEADER, len(body))
     return body[:n], body[n:]
 
 
@@ -160,20 +158,19 @@ def _decode_input(tensor: Any, binary: bytes, service: ModelService) -> tuple[st
     shape = tensor.get("shape")
     graph_input = service.model.input
     if name not in (graph_input.name, ENCODED_INPUT):
-        raise BadInput(f"unknown input {name!r}; model {service.name!r} takes {graph_input.name!r} or {ENCODED_INPUT!r}",
-                       input_name=name if isinstance(name, str) else None)
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                           for d in shape):
-        raise BadInput(f"input {name!r}: shape must be a non-empty list of non-negative integers", input_name=name)
+        raise BadInput(f"unknown input {untrusted.show(name)}; model {service.name!r} takes {graph_input.name!r} or "
+                       f"{ENCODED_INPUT!r}", input_name=name if isinstance(name, str) and len(name) < 128 else None)
+    shape = untrusted.shape(shape, f"input {name!r}: shape", input_name=name)
     count = math.prod(shape)  # exact: a huge declared shape is just a big int, nothing allocated
-    params = tensor.get("parameters") or {}
-    binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
+    params = untrusted.mapping(tensor.get("parameters"), f"input {name!r}: parameters", input_name=name)
+    binary_size = params.get("binary_data_size")
 
     if name == ENCODED_INPUT:
         if datatype != "BYTES":
-            raise BadInput(f"input {name!r} must be BYTES, got {datatype!r}", input_name=name)
+            raise BadInput(f"input {name!r} must be BYTES, got {untrusted.show(datatype)}", input_name=name)
+        service.check_rows(count, name)  # before splitting or decoding anything
         if binary_size is not None:
-            images = _bytes_elements(_take_binary(binary, binary_size, name), name)
+            images = _bytes_elements(_take_binary(binary, binary_size, name), name, count)
         else:
             images = [_base64(e, name) for e in _flat(tensor.get("data"), name)]
         if count != len(images):
@@ -182,7 +179,7 @@ def _decode_input(tensor: Any, binary: bytes, service: ModelService) -> tuple[st
 
     dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
-        raise BadInput(f"input {name!r}: unknown datatype {datatype!r}", input_name=name)
+        raise BadInput(f"input {name!r}: unknown datatype {untrusted.show(datatype)}", input_name=name)
     if datatype != graph_input.datatype:
         raise BadInput(f"input {name!r} must be {graph_input.datatype}, got {datatype}", input_name=name)
     if binary_size is not None:
@@ -208,16 +205,19 @@ def _decode_input(tensor: Any, binary: bytes, service: ModelService) -> tuple[st
 
 def _take_binary(binary: bytes, size: Any, name: str) -> bytes:
     # Inputs are laid out in order; with one input per request, it is the whole binary part.
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size != len(binary):
-        raise BadInput(f"input {name!r}: binary_data_size {size!r} does not match the {len(binary)} bytes after "
+    if untrusted.integer(size, f"input {name!r}: binary_data_size", input_name=name) != len(binary):
+        raise BadInput(f"input {name!r}: binary_data_size {size} does not match the {len(binary)} bytes after "
                        f"the JSON header", input_name=name)
     return binary
 
 
-def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
-    """BYTES tensor in the binary extension: each element is a 4-byte little-endian length, then the bytes."""
+def _bytes_elements(raw: bytes, name: str, expected: int) -> list[bytes]:
+    """BYTES tensor in the binary extension: each element is a 4-byte little-endian length, then the bytes.
+
+    Stops past ``expected`` elements: a body of empty elements must not become millions of objects.
+    """
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(elements) <= expected:
         if offset + 4 > len(raw):
             raise BadInput(f"input {name!r}: truncated BYTES element length", input_name=name)
         (n,) = struct.unpack_from("<I", raw, offset)
@@ -311,7 +311,8 @@ def _reloader(request: Request):
 async def repository_index(request: Request) -> Response:
     _authorise(request)
     body = await request.body()
-    ready_only = bool(parse_json(body).get("ready")) if body.strip() else False
+    options = untrusted.mapping(untrusted.json_body(body), "request body") if body.strip() else {}
+    ready_only = untrusted.flag(options.get("ready"), "ready")
     entries = request.app.state.models.index()
     if ready_only:
         entries = [e for e in entries if e["state"] == "READY"]

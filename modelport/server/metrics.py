@@ -37,6 +37,9 @@ class Metrics:
         self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model", "version"],
                                  registry=r)
 
+    def in_flight_now(self) -> int:
+        return int(self.in_flight._value.get())  # prometheus_client keeps the number here
+
     def observe_request(self, model: str, version: int | str, protocol: str, status: int, seconds: float) -> None:
         key = (model, version, protocol, status)
         children = self._request_children.get(key)

@@ -18,9 +18,10 @@ def _protocol(path: str) -> str:
 
 
 class Observe:
-    def __init__(self, app, metrics: Metrics) -> None:
+    def __init__(self, app, metrics: Metrics, worker_id: str) -> None:
         self.app = app
         self.metrics = metrics
+        self.worker = (b"x-modelport-worker", worker_id.encode())  # every response names its server
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -34,14 +35,13 @@ class Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = []
+                extra = [self.worker]
                 if "model" in state:
                     extra += [(b"x-model-name", state["model"].encode()),
                               (b"x-model-version", str(state["version"]).encode())]
                 if "timing" in state:
                     extra.append((b"server-timing", state["timing"].server_timing().encode()))
-                if extra:
-                    message = dict(message, headers=list(message.get("headers", [])) + extra)
+                message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 
         self.metrics.in_flight.inc()

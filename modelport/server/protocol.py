@@ -6,9 +6,14 @@
   connection (and a file descriptor) forever.
 - write timeout: a client that stops reading its responses is cut off once the socket's send
   buffer has stayed full for ``write_timeout_s``, instead of holding the response task forever.
+
+It also answers requests the HTTP parser rejects (an unknown method, a malformed request line) in
+the same JSON error shape as every other error, instead of uvicorn's plain text.
 """
 
 from __future__ import annotations
+
+import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -54,6 +59,12 @@ def protocol_class(read_timeout_s: float, write_timeout_s: float) -> type:
             if timer is not None:
                 timer.cancel()
                 setattr(self, name, None)
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"malformed HTTP request: {msg}", "kind": "bad_input"}).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
 
         def _give_up(self) -> None:
             self._read_timer = self._write_timer = None

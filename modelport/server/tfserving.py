@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from modelport import untrusted
 from modelport.errors import BadInput
 from modelport.runtime import V2_TO_NUMPY
-from modelport.server.http import begin, deadline, json_response, parse_json, unless_disconnected
+from modelport.server.http import begin, deadline, json_response, unless_disconnected
 from modelport.service import ModelService
 
 
@@ -73,10 +74,8 @@ async def classify(request: Request) -> Response:
     rows = payload.get("examples", payload.get("instances"))
     if rows is None:
         raise BadInput("body needs 'examples' (or 'instances'): a list of {\"b64\": ...} images")
+    k = untrusted.optional_integer(payload.get("top_k"), "top_k", minimum=1)
     outputs = await _infer(request, service, _parse(rows, service, columnar=False), request_deadline, timing)
-    k = payload.get("top_k")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise BadInput(f"top_k must be a positive integer, got {k!r}")
     result = [[[p.label, p.score] for p in row] for row in service.top_k(outputs, k)]
     return json_response({"result": result})
 
@@ -95,7 +94,7 @@ async def _start(request: Request):
     body = await request.body()
     service = _service(request)  # after the body: see kserve.infer
     timing = begin(request, service)
-    payload = parse_json(body)
+    payload = untrusted.json_body(body)
     if not isinstance(payload, dict):
         raise BadInput("request body must be a JSON object")
     return service, payload, timing, deadline(request, request.app.state.config, timing)
@@ -111,6 +110,7 @@ def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes
             rows = [rows]
     if not isinstance(rows, list) or not rows:
         raise BadInput("instances must be a non-empty list")
+    service.check_rows(len(rows), "instances")  # before decoding or converting any of them
     first = rows[0]
     if isinstance(first, dict) and "b64" not in first:
         # Named inputs: {"image_bytes": {"b64": ...}} or {"image": [[...]]}, one key per instance.
@@ -118,7 +118,7 @@ def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes
             raise BadInput(f"each instance names one input ({graph_input.name!r} or 'image_bytes')")
         key = next(iter(first))
         if key not in (graph_input.name, "image_bytes"):
-            raise BadInput(f"unknown input {key!r}; the model takes {graph_input.name!r} or 'image_bytes'", input_name=key)
+            raise BadInput(f"unknown input {untrusted.show(key)}; the model takes {graph_input.name!r} or 'image_bytes'")
         try:
             rows = [row[key] for row in rows]
         except (TypeError, KeyError):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from modelport import untrusted
 from modelport.errors import BadInput, ModelportError
 from modelport.server.http import begin, deadline, json_response, unless_disconnected
 
@@ -18,13 +19,13 @@ async def predict(request: Request) -> Response:
     # Refuse an overloaded or unknown model before parsing the upload: under overload, parsing
     # bodies that will be refused anyway would eat the CPU the accepted requests need.
     _pick(state.models, request).batcher.check()
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # case-insensitive
         raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
                        input_name=FIELD)
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as exc:  # python-multipart raises several types for malformed bodies
-        if isinstance(exc, ModelportError):  # the body limit, hit while parsing
+        if isinstance(exc, (ModelportError, ClientDisconnect)):  # the body limit, or the client left
             raise
         raise BadInput(f"expected a multipart form with a file field {FIELD!r}: {exc}", input_name=FIELD) from None
     try:
@@ -49,9 +50,4 @@ def _pick(models, request: Request):
 
 
 def _top_k(request: Request) -> int | None:
-    raw = request.query_params.get("k")
-    if raw is None:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise BadInput(f"k must be a positive integer, got {raw!r}")
-    return int(raw)
+    return untrusted.optional_integer(request.query_params.get("k"), "k", minimum=1)

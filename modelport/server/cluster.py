@@ -1,0 +1,54 @@
+"""What this server tells the cluster about itself: its registry entry, built from live state."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from modelport.cluster.members import ClusterURL, Member
+from modelport.cluster.membership import Membership
+from modelport.registry import READY, Registry
+from modelport.server.config import ServerConfig
+from modelport.server.metrics import Metrics
+
+
+def membership(config: ServerConfig, registry: Registry, metrics: Metrics, rpc) -> Membership:
+    cluster = ClusterURL.parse(config.cluster)
+    host = advertised_host(config)
+    http = f"http://{_bracket(host)}:{config.port}"
+    zmq = f"tcp://{_bracket(host)}:{rpc.address.rsplit(':', 1)[1]}" if rpc is not None else None
+    started = time.time()
+
+    def describe() -> Member:
+        models: dict[str, dict] = {}
+        for entry in registry.index():
+            if entry["state"] == READY:
+                models.setdefault(entry["name"], {"versions": [], "labels": {}})["versions"].append(entry["version"])
+        for name, model in models.items():
+            model["labels"] = {label: str(v) for label, v in registry.labels(name).items()
+                               if str(v) in model["versions"]}
+        load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
+                "queued": sum(s.batcher.queued for s in registry.services())}
+        return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),
+                      host=socket.gethostname())
+
+    return Membership(cluster, describe, ttl_s=config.lease_ttl_s)
+
+
+def advertised_host(config: ServerConfig) -> str:
+    if config.advertise:
+        return config.advertise
+    if config.host in ("0.0.0.0", "::", ""):  # bound everywhere: others know us by name
+        return socket.gethostname()
+    return config.host
+
+
+def worker_id(port: int) -> str:
+    """``<hostname>-<port>``: one per server process on a machine, readable in logs and tables."""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname()).strip("-.") or "worker"
+    return f"{name[:50]}-{port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
