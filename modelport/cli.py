@@ -251,5 +251,112 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
         run_server(bundles, config)
 
 
+def _cluster_url(ctx, param, value):
+    from modelport.cluster.members import ClusterURL
+
+    if value is None:
+        return None
+    return ClusterURL.parse(value)
+
+
+CLUSTER_OPTION = click.option("--cluster", required=True, envvar="MODELPORT_CLUSTER", callback=_cluster_url,
+                              help="The cluster's registry: etcd://HOST:PORT/NAME (also $MODELPORT_CLUSTER).")
+
+
+@main.command()
+@CLUSTER_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address HAProxy listens on.")
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=12480, show_default=True)
+@click.option("--stats-port", type=click.IntRange(1, 65535), default=12488, show_default=True,
+              help="HAProxy's stats page (/) and Prometheus metrics (/metrics).")
+@click.option("--retry-body-kb", type=click.IntRange(16, 16384), default=256, show_default=True,
+              help="Requests up to this size are replayed on another worker if theirs fails (HAProxy's buffer).")
+@click.option("--haproxy-socket", type=click.Path(dir_okay=False), default=None,
+              help="Drive an HAProxy you already run (its admin socket) instead of starting one.")
+@click.option("--backend", default="workers", show_default=True, help="With --haproxy-socket: the backend to fill.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, haproxy_socket: str | None,
+            backend: str, log_level: str) -> None:
+    """Run HAProxy in front of the cluster's workers, following the registry (no reloads)."""
+    import asyncio
+    import logging
+    import signal
+    import tempfile
+
+    from modelport.cluster.balancer import Balancer
+    from modelport.cluster.etcd import client_library
+    from modelport.cluster.haproxy import HAProxyConfig, HAProxyProcess, RuntimeAPI
+
+    client_library()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if haproxy_socket:
+        haproxy, api = None, RuntimeAPI(haproxy_socket, backend)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="modelport-haproxy-"))
+        haproxy = HAProxyProcess(HAProxyConfig(host, port, stats_port, bufsize=retry_body_kb * 1024), directory)
+        api = RuntimeAPI(haproxy.admin_socket)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await Balancer(cluster, api, haproxy).run()
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
+
+
+@main.group()
+def cluster() -> None:
+    """Look at a cluster's registry."""
+
+
+@cluster.command("ls")
+@CLUSTER_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: members and skipped keys.")
+def cluster_ls(cluster, as_json: bool) -> None:
+    """List the workers registered in the cluster: address, models, state, load, age."""
+    import asyncio
+
+    from modelport.cluster.members import Member, age_s
+
+    async def read():
+        etcd = cluster.etcd()
+        try:
+            return await etcd.list(cluster.prefix)
+        finally:
+            await etcd.close()
+
+    values, _ = asyncio.run(read())
+    members, skipped = [], {}
+    for key, raw in sorted(values.items()):
+        try:
+            members.append(Member.from_json(raw))
+        except ValueError as exc:
+            skipped[key] = str(exc)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps({"cluster": str(cluster), "members": [asdict(m) for m in members], "skipped": skipped}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cluster}: {len(members)} worker(s)")
+    for column in ("worker", "address", "models", "state", "load", "age"):
+        table.add_column(column)
+    for m in members:
+        models = ", ".join(f"{name} {'/'.join(info.get('versions', []))}" for name, info in sorted(m.models.items()))
+        address = m.http + (f"  {m.zmq}" if m.zmq else "")
+        table.add_row(m.id, address, models or "-", m.state, f"{m.load.get('in_flight', 0)} + {m.load.get('queued', 0)}",
+                      f"{age_s(m):.0f} s")
+    Console().print(table)
+    for key, why in skipped.items():
+        click.echo(f"skipped {key}: {why}", err=True)
+
+
 if __name__ == "__main__":
     main()
