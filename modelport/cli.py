@@ -274,9 +274,12 @@ CLUSTER_OPTION = click.option("--cluster", required=True, envvar="MODELPORT_CLUS
 @click.option("--haproxy-socket", type=click.Path(dir_okay=False), default=None,
               help="Drive an HAProxy you already run (its admin socket) instead of starting one.")
 @click.option("--backend", default="workers", show_default=True, help="With --haproxy-socket: the backend to fill.")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="HAProxy threads. One thread proxies far more requests than models answer, and had the "
+                   "shortest hop (docs/decisions.md).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, haproxy_socket: str | None,
-            backend: str, log_level: str) -> None:
+            backend: str, threads: int | None, log_level: str) -> None:
     """Run HAProxy in front of the cluster's workers, following the registry (no reloads)."""
     import asyncio
     import logging
@@ -293,7 +296,8 @@ def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, 
         haproxy, api = None, RuntimeAPI(haproxy_socket, backend)
     else:
         directory = Path(tempfile.mkdtemp(prefix="modelport-haproxy-"))
-        haproxy = HAProxyProcess(HAProxyConfig(host, port, stats_port, bufsize=retry_body_kb * 1024), directory)
+        haproxy = HAProxyProcess(HAProxyConfig(host, port, stats_port, bufsize=retry_body_kb * 1024,
+                                                   threads=threads), directory)
         api = RuntimeAPI(haproxy.admin_socket)
 
     async def run() -> None:

@@ -109,13 +109,13 @@ def wait_until(predicate, timeout_s: float = 15, every_s: float = 0.02, what: st
 class BalancerProcess:
     """``modelport balance`` in its own process group, with its HAProxy child."""
 
-    def __init__(self, cluster_url: str, log: Path) -> None:
+    def __init__(self, cluster_url: str, log: Path, *extra: str) -> None:
         self.port, self.stats_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modelport", "balance", "--cluster", cluster_url, "--port", str(self.port),
-             "--stats-port", str(self.stats_port)],
+             "--stats-port", str(self.stats_port), *extra],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._stats_up, 20, what="HAProxy stats page")
 

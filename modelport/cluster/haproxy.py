@@ -31,7 +31,7 @@ SERVER_OPTIONS = ("check inter 1s fall 2 rise 1 observe layer4 error-limit 1 on-
 
 CONFIG = """\
 global
-    stats socket {admin} level admin
+{threads}    stats socket {admin} level admin
     pidfile {pidfile}
     maxconn {maxconn}
     # Retries replay the request from HAProxy's buffer: bodies up to this size can be retried
@@ -159,6 +159,7 @@ class HAProxyConfig:
     bufsize: int = 256 * 1024
     client_timeout_s: int = 60
     server_timeout_s: int = 60
+    threads: int | None = None  # None: HAProxy's default, one per core
 
 
 class HAProxyProcess:
@@ -179,7 +180,7 @@ class HAProxyProcess:
         self.config_file.write_text(CONFIG.format(
             admin=self.admin_socket, pidfile=self.directory / "haproxy.pid", maxconn=c.maxconn, bufsize=c.bufsize,
             client_timeout_s=c.client_timeout_s, server_timeout_s=c.server_timeout_s, host=c.host, port=c.port,
-            stats_port=c.stats_port, backend=BACKEND))
+            stats_port=c.stats_port, backend=BACKEND, threads=f"    nbthread {c.threads}\n" if c.threads else ""))
         check = subprocess.run([binary, "-c", "-q", "-f", str(self.config_file)], capture_output=True, text=True)
         if check.returncode != 0:
             raise HAProxyError(f"HAProxy refused its configuration: {check.stderr.strip() or check.stdout.strip()}")
