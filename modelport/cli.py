@@ -313,6 +313,35 @@ def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, 
     asyncio.run(run())
 
 
+@main.command()
+@CLUSTER_OPTION
+@click.option("--model", "-m", "model_name", required=True, help="The model to find workers for.")
+@click.option("--version", default=None, help="A version number or label (default: any READY version).")
+@click.option("--transport", type=click.Choice(["http", "zmq"]), default="http", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The workers as a JSON list, best first.")
+def resolve(cluster, model_name: str, version: str | None, transport: str, as_json: bool) -> None:
+    """The two-step lookup for scripts: the workers that serve MODEL now, least loaded first."""
+    import asyncio
+    from dataclasses import asdict
+
+    from modelport.cluster.discovery import Discovery
+
+    async def look_up():
+        discovery = Discovery(cluster, transport=transport, connect=lambda address: None, timeout_s=5)
+        try:
+            await discovery.start()
+            return discovery.candidates(model_name, version)
+        finally:
+            await discovery.close()
+
+    members = sorted(asyncio.run(look_up()), key=lambda m: (m.total_load, m.id))
+    if as_json:
+        click.echo(json.dumps([asdict(m) for m in members]))
+        return
+    for m in members:
+        click.echo(f"{m.http if transport == 'http' else m.zmq}  {m.id}  load {m.total_load}")
+
+
 @main.group()
 def cluster() -> None:
     """Look at a cluster's registry."""

@@ -1,4 +1,6 @@
-"""One client for both transports: ``Client("zmq://host:12490")`` or ``Client("http://host:12480")``.
+"""One client for both transports: ``Client("zmq://host:12490")`` or ``Client("http://host:12480")``,
+or for a whole cluster: ``Client("etcd://host:2379/prod")`` finds the workers in the registry and
+calls them directly (``modelport/cluster/discovery.py``: choice of worker, failover, hedging).
 
     from modelport import Client
     with Client("zmq://127.0.0.1:12490") as c:
@@ -51,7 +53,26 @@ def _transport(url: str) -> tuple[str, str]:
         return "zmq", f"tcp://{parts.netloc}"
     if parts.scheme in ("http", "https"):
         return "http", url.rstrip("/")
-    raise ValueError(f"unsupported URL {url!r}: use zmq://host:port or http://host:port")
+    if parts.scheme == "etcd":
+        return "discovery", url
+    raise ValueError(f"unsupported URL {url!r}: use zmq://host:port, http://host:port or etcd://host:port/cluster")
+
+
+class _LoopThread:
+    """An event loop in a daemon thread: the blocking client runs the asyncio discovery client there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="modelport-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
 
 
 # -- request building and reply parsing, shared by the sync and async clients ------------------
@@ -197,13 +218,18 @@ def _v2_path(model: str, version: str | int | None) -> str:
 class Client:
     """Blocking client; thread-safe (one request at a time per client over ZeroMQ)."""
 
-    def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0, transport: str = "http",
+                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2) -> None:
         self.kind, self._address = _transport(url)
         self.model = model
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        if self.kind == "zmq":
+        if self.kind == "discovery":  # the asyncio client, run on a loop of its own
+            self._loop = _LoopThread()
+            self._async = AsyncClient(url, model=model, timeout_s=timeout_s, transport=transport,
+                                      hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio)
+        elif self.kind == "zmq":
             import zmq
 
             self._zmq = zmq
@@ -223,6 +249,8 @@ class Client:
                       version: str | int | None = None) -> list[list[Prediction]]:
         data = [_image_bytes(i) for i in images]
         model = model or self.model
+        if self.kind == "discovery":
+            return self._loop.run(self._async.classify_many(data, top_k=top_k, model=model, version=version))
         if self.kind == "zmq":
             return _predictions(self._call(_zmq_request("classify", model, version, images=data, top_k=top_k)))
         outputs = self._v2(model, version, *_v2_request(data, _classification_output(
@@ -232,18 +260,30 @@ class Client:
     def infer(self, model: str, inputs: Mapping[str, np.ndarray] | Sequence[ImageLike], *,
               outputs: Sequence[str] | None = None, version: str | int | None = None) -> dict[str, np.ndarray]:
         """Raw tensors in (``{"image": array}``) or encoded images in (a list), arrays out."""
+        if self.kind == "discovery":
+            return self._loop.run(self._async.infer(model, inputs, outputs=outputs, version=version))
         if self.kind == "zmq":
             return _outputs(self._call(_zmq_request("infer", model, version, outputs=list(outputs) if outputs else None,
                                                     **_zmq_inputs(inputs))))
         return self._v2(model, version, *_v2_request(_http_inputs(inputs), _wanted(outputs)))
 
     def ping(self) -> bool:
+        if self.kind == "discovery":
+            return self._loop.run(self._async.ping())
         if self.kind == "zmq":
             return bool(self._call({"op": "ping"}).get("ok"))
         return self._http.get("/v2/health/ready").status_code == 200
 
+    @property
+    def discovery(self):
+        """The discovery state (workers, stats) of an ``etcd://`` client."""
+        return self._async.discovery
+
     def close(self) -> None:
-        if self.kind == "zmq":
+        if self.kind == "discovery":
+            self._loop.run(self._async.close())
+            self._loop.close()
+        elif self.kind == "zmq":
             self._socket.close(linger=0)
             self._context.term()
         else:
@@ -305,14 +345,25 @@ class Client:
 class AsyncClient:
     """asyncio client: any number of requests in flight on one connection."""
 
-    def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0, transport: str = "http",
+                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2) -> None:
+        """``transport``, ``hedge_after_ms`` (a number of ms, or "p95") and ``retry_ratio`` apply to
+        ``etcd://`` URLs: which protocol to speak to the workers, when to send a second copy, and
+        how many extra requests failover and hedging may add."""
         self.kind, self._address = _transport(url)
         self.model = model
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._receiver: asyncio.Task | None = None
-        if self.kind == "zmq":
+        if self.kind == "discovery":
+            from modelport.cluster.discovery import Discovery
+            from modelport.cluster.members import ClusterURL
+
+            self.discovery = Discovery(ClusterURL.parse(url), transport=transport, timeout_s=timeout_s,
+                                       hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio,
+                                       connect=lambda address: AsyncClient(address, model=model, timeout_s=timeout_s))
+        elif self.kind == "zmq":
             import zmq
             import zmq.asyncio
 
@@ -335,6 +386,9 @@ class AsyncClient:
                             version: str | int | None = None) -> list[list[Prediction]]:
         data = [_image_bytes(i) for i in images]
         model = model or self.model
+        if self.kind == "discovery":
+            return await self.discovery.call(model, version, lambda worker: worker.classify_many(
+                data, top_k=top_k, model=model, version=version))
         if self.kind == "zmq":
             return _predictions(await self._call(_zmq_request("classify", model, version, images=data, top_k=top_k)))
         primary = await self._primary_output(model, version)
@@ -343,14 +397,30 @@ class AsyncClient:
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray] | Sequence[ImageLike], *,
                     outputs: Sequence[str] | None = None, version: str | int | None = None) -> dict[str, np.ndarray]:
+        if self.kind == "discovery":
+            if not isinstance(inputs, Mapping):
+                inputs = [_image_bytes(i) for i in inputs]  # read files once, whatever the retries
+            return await self.discovery.call(model, version, lambda worker: worker.infer(
+                model, inputs, outputs=outputs, version=version))
         if self.kind == "zmq":
             return _outputs(await self._call(_zmq_request("infer", model, version,
                                                           outputs=list(outputs) if outputs else None,
                                                           **_zmq_inputs(inputs))))
         return await self._v2(model, version, *_v2_request(_http_inputs(inputs), _wanted(outputs)))
 
-    async def close(self) -> None:
+    async def ping(self) -> bool:
+        """True when some worker is ready (discovery) or the server answers."""
+        if self.kind == "discovery":
+            await self.discovery.start()
+            return any(m.state == "ready" for m in self.discovery.directory.members.values())
         if self.kind == "zmq":
+            return bool((await self._call({"op": "ping"})).get("ok"))
+        return (await self._http.get("/v2/health/ready")).status_code == 200
+
+    async def close(self) -> None:
+        if self.kind == "discovery":
+            await self.discovery.close()
+        elif self.kind == "zmq":
             if self._receiver is not None:
                 self._receiver.cancel()
                 await asyncio.gather(self._receiver, return_exceptions=True)

@@ -20,6 +20,8 @@ from modelport.cluster.etcd import Etcd
 from modelport.cluster.members import ClusterURL, Member
 from servers import free_port
 
+TTL_S = 3  # the lease TTL the cluster tests give their workers
+
 
 class EtcdServer:
     """A single-node etcd on loopback ports chosen at run time; restartable on the same ports and data."""

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cluster import TTL_S, BalancerProcess, EtcdServer, registry, wait_until
 from modelport import samples
 from modelport.bundle import write_config
+from modelport.server.cluster import worker_id
+from servers import Server
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +107,7 @@ def make_tiny_bundle(directory: Path, *, classes: int = 4, size: int = 8, dtype:
 @pytest.fixture(scope="session")
 def default_server(default_bundle, tmp_path_factory):
     """One real server with the default model for the protocol tests."""
-    from servers import Server, free_port
+    from servers import free_port
 
     server = Server(log=tmp_path_factory.mktemp("logs") / "default.log", zmq_port=free_port()).wait_ready()
     yield server
@@ -114,7 +119,7 @@ def hardened_server(tmp_path_factory):
     """The tiny float model (max_batch_size 4, at most 64 images a request) over HTTP and ZeroMQ,
     for the fuzz and hardening tests. Yields the server and the graph's weights."""
     import fuzzing
-    from servers import Server, free_port
+    from servers import free_port
 
     root = tmp_path_factory.mktemp("hardened")
     make_tiny_bundle(root / "repo" / fuzzing.MODEL / "1", size=8, serving={"top_k": 3, "max_batch_size": 4})
@@ -123,3 +128,59 @@ def hardened_server(tmp_path_factory):
     yield server, tiny_onnx(root / "w.onnx")
     server.stop()
     assert "Traceback" not in server.log.read_text(), "the server logged a traceback"
+
+
+# -- the cluster: one real etcd for the session, a fresh cluster name per test ------------------------
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory):
+    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("cluster-repo")
+    make_tiny_bundle(repo / "tiny" / "1", size=8)
+    return repo
+
+
+@pytest.fixture
+def cluster(etcd_server, cluster_repo, tmp_path, request):
+    """A fresh cluster name in the shared etcd; starts workers and a balancer on demand; stops
+    everything it started at the end."""
+
+    class Cluster:
+        url = etcd_server.url(re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60])
+
+        def __init__(self) -> None:
+            self.workers: list[Server] = []
+            self.balancer: BalancerProcess | None = None
+
+        def start_worker(self, *extra: str, wait: bool = True, repo: Path | None = None) -> Server:
+            worker = Server(str(repo or cluster_repo), "--cluster", self.url, "--drain-s", "1", "--lease-ttl-s",
+                            str(TTL_S), *extra, log=tmp_path / f"worker{len(self.workers)}.log")
+            self.workers.append(worker)
+            if wait:
+                worker.wait_ready()
+                wait_until(lambda: worker_id(worker.port) in self.members(), 10, what="registration")
+            return worker
+
+        def start_balancer(self) -> BalancerProcess:
+            self.balancer = BalancerProcess(self.url, tmp_path / "balancer.log")
+            return self.balancer
+
+        def members(self) -> dict:
+            return registry(self.url)[0]
+
+    c = Cluster()
+    yield c
+    for worker in c.workers:  # all at once: each one drains for a second
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGCONT)
+            worker.proc.send_signal(signal.SIGTERM)
+    for worker in c.workers:
+        worker.stop()
+    if c.balancer is not None:
+        c.balancer.stop()

@@ -4,75 +4,16 @@ that get SIGKILLed, SIGSTOPped and restarted, under continuous load through the 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
 
 import httpx
-import pytest
 
-from cluster import BalancerProcess, EtcdServer, Load, put_raw, registry, wait_until
-from conftest import make_tiny_bundle
+from cluster import TTL_S, EtcdServer, Load, put_raw, registry, wait_until
 from modelport.server.cluster import worker_id
 from servers import Server, free_port
-
-TTL_S = 3
-
-
-@pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory):
-    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="session")
-def cluster_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("cluster-repo")
-    make_tiny_bundle(repo / "tiny" / "1", size=8)
-    return repo
-
-
-@pytest.fixture
-def cluster(etcd_server, cluster_repo, tmp_path, request):
-    """A fresh cluster name in the shared etcd; starts workers and a balancer on demand; stops
-    everything it started at the end."""
-
-    class Cluster:
-        url = etcd_server.url(re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60])
-        workers: list[Server] = []
-        balancer: BalancerProcess | None = None
-
-        def start_worker(self, *extra: str, wait: bool = True) -> Server:
-            index = len(self.workers)
-            worker = Server(str(cluster_repo), "--cluster", self.url, "--drain-s", "1", "--lease-ttl-s", str(TTL_S),
-                            *extra, log=tmp_path / f"worker{index}.log")
-            self.workers.append(worker)
-            if wait:
-                worker.wait_ready()
-                wait_until(lambda: worker_id(worker.port) in registry(self.url)[0], 10, what="registration")
-            return worker
-
-        def start_balancer(self) -> BalancerProcess:
-            self.balancer = BalancerProcess(self.url, tmp_path / "balancer.log")
-            return self.balancer
-
-        def members(self) -> dict:
-            return registry(self.url)[0]
-
-    c = Cluster()
-    c.workers = []
-    yield c
-    for worker in c.workers:  # all at once: each one drains for a second
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGCONT)
-            worker.proc.send_signal(signal.SIGTERM)
-    for worker in c.workers:
-        worker.stop()
-    if c.balancer is not None:
-        c.balancer.stop()
 
 
 def test_three_workers_register_share_traffic_and_are_listed(cluster):
