@@ -342,6 +342,37 @@ def resolve(cluster, model_name: str, version: str | None, transport: str, as_js
         click.echo(f"{m.http if transport == 'http' else m.zmq}  {m.id}  load {m.total_load}")
 
 
+@main.command()
+@CLUSTER_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to answer on.")
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=5353, show_default=True)
+@click.option("--domain", default="modelport", show_default=True,
+              help="Names are <service>.<cluster>.<domain>, e.g. _modelport._tcp.prod.modelport")
+@click.option("--ttl-s", type=click.IntRange(0, 3600), default=1, show_default=True, help="TTL of every answer.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def dns(cluster, host: str, port: int, domain: str, ttl_s: int, log_level: str) -> None:
+    """Answer DNS SRV queries for the cluster's workers (dig, dnspython, HAProxy's resolvers)."""
+    import asyncio
+    import logging
+    import signal
+
+    from modelport.cluster.dns import dns_library, serve_dns
+
+    dns_library()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        try:
+            await serve_dns(cluster, host=host, port=port, domain=domain, ttl_s=ttl_s)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
+
+
 @main.group()
 def cluster() -> None:
     """Look at a cluster's registry."""

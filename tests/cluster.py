@@ -190,3 +190,73 @@ class Load:
 
     def workers_since(self, since: float) -> set[str]:
         return {w for t, status, w in self.results if t >= since and status == 200}
+
+
+class DnsProcess:
+    """``modelport dns`` for one cluster, on a free loopback UDP port."""
+
+    def __init__(self, cluster_url: str, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelport", "dns", "--cluster", cluster_url,
+                                      "--port", str(self.port)], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_until(self._answers, 20, every_s=0.05, what="modelport dns answering")
+
+    def _answers(self) -> bool:
+        import dns.exception
+        import dns.message
+        import dns.query
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"modelport dns exited: {self.log.read_text()[-2000:]}")
+        try:
+            dns.query.udp(dns.message.make_query("x.modelport.", "A"), "127.0.0.1", port=self.port, timeout=0.3)
+            return True
+        except dns.exception.Timeout:
+            return False
+
+    def srv(self, name: str) -> set[int]:
+        """The ports in the SRV answer for ``name`` (empty for NXDOMAIN)."""
+        import dns.message
+        import dns.query
+        import dns.rcode
+
+        reply = dns.query.udp(dns.message.make_query(name, "SRV"), "127.0.0.1", port=self.port, timeout=2)
+        if reply.rcode() == dns.rcode.NXDOMAIN:
+            return set()
+        return {rr.port for rrset in reply.answer for rr in rrset}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+HAPROXY_WITH_DNS = """\
+global
+    maxconn 1000
+    stats socket {directory}/admin.sock level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response
+resolvers modelport
+    nameserver dns 127.0.0.1:{dns_port}
+    accepted_payload_size 8192
+    hold valid 1s
+    hold obsolete 1s
+    timeout resolve 500ms
+    timeout retry 500ms
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend workers
+backend workers
+    balance leastconn
+    option httpchk GET /v2/health/ready
+    server-template w 8 _modelport._tcp.{cluster}.modelport resolvers modelport init-addr none check inter 500ms
+"""
