@@ -1,6 +1,6 @@
 """Many workers behind `modelport balance`: scaling, the balancer hop, joining and leaving.
 
-    python benchmarks/cluster.py [--seconds 6]
+    python benchmarks/balancer.py [--seconds 6]
 
 This machine has 2 cores, so scaling is measured with a fixed-cost model: each batch (of one
 request) holds its worker's slot for 20 ms without using CPU, so N workers can really give N
@@ -42,7 +42,7 @@ from modelport.runtime import TensorSpec
 
 
 class Model:
-    """Holds its slot for 20 ms per batch without using CPU, like a call to an accelerator."""
+    """Holds its slot for a fixed time per batch without using CPU, like a call to an accelerator."""
 
     inputs = [TensorSpec("image", "UINT8", (-1, 8, 8, 3))]
     outputs = [TensorSpec("logits", "FP32", (-1, 4))]
@@ -51,14 +51,14 @@ class Model:
         pass
 
     def run(self, feeds):
-        time.sleep(0.020)
+        time.sleep(%(seconds)s)
         return {"logits": np.zeros((len(feeds["image"]), 4), np.float32)}
 '''
 
 
-def fixed_cost_bundle(directory: Path) -> Path:
+def fixed_cost_bundle(directory: Path, seconds: float = 0.020) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model.py").write_text(FIXED_COST_MODEL)
+    (directory / "model.py").write_text(FIXED_COST_MODEL % {"seconds": seconds})
     (directory / "labels.txt").write_text("a\nb\nc\nd\n")
     write_config(directory, {
         "format": 1, "runtime": "python", "model_file": "model.py",

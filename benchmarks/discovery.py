@@ -1,0 +1,202 @@
+"""Client-side discovery against the HAProxy path, with the same workers, in one run.
+
+    python benchmarks/discovery.py [--seconds 5]
+
+Fixed-cost model (a batch of one holds its worker for 20 ms without CPU; see balancer.py), so N
+workers can give N times one worker's throughput on 2 cores. Figures, as ratios in the same run:
+
+- throughput of the discovery client (`AsyncClient("etcd://...")`, 4 N requests in flight) with
+  N = 1, 2, 4, 8 workers / (N x the same client with one worker) (target >= 0.95), and / the same
+  client through `modelport balance` with the same workers (target >= 1);
+- p50, one request at a time, tiny model: discovery client / the same client through HAProxy
+  (target < 1: one hop less);
+- one worker of 4 stalling (SIGSTOP for 0.4 s every 2 s), 2 requests in flight: p99 with hedging
+  ("p95") / p99 without (target <= 0.5), and the extra requests hedging sent (target <= 10 %);
+- a registry change seen by the client: a new worker's first attempt after its key appears
+  (target <= 1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from balancer import fixed_cost_bundle  # noqa: E402
+from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
+from conftest import make_tiny_bundle  # noqa: E402
+from servers import Server  # noqa: E402
+
+from modelport import AsyncClient  # noqa: E402
+from modelport.server.cluster import worker_id  # noqa: E402
+
+PIXELS = np.zeros((1, 8, 8, 3), np.uint8)
+TENSOR = np.zeros((1, 3, 8, 8), np.float32)
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, **options) -> tuple[float, list[float], AsyncClient]:
+    latencies: list[float] = []
+    async with AsyncClient(url, timeout_s=30, **options) as client:
+        for _ in range(concurrency):  # warm: registry listed, connections open
+            await client.infer("fixed", {"image": PIXELS})
+        stop = time.monotonic() + seconds
+
+        async def one() -> None:
+            while time.monotonic() < stop:
+                start = time.monotonic()
+                await client.infer("fixed", {"image": PIXELS})
+                latencies.append(time.monotonic() - start)
+
+        start = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        return len(latencies) / (time.monotonic() - start), latencies, client
+
+
+async def p50_one_at_a_time(url: str, count: int = 1500) -> float:
+    async with AsyncClient(url, timeout_s=30) as client:
+        for _ in range(50):
+            await client.infer("tiny", {"image": TENSOR})
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await client.infer("tiny", {"image": TENSOR})
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5, help="per throughput level")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="discoverybench"))
+    (work / "etcd").mkdir()
+    etcd = EtcdServer(work / "etcd").start()
+    fixed_cost_bundle(work / "repo" / "fixed" / "1")
+    make_tiny_bundle(work / "repo" / "tiny" / "1", size=8)
+    url = etcd.url("bench")
+    workers: list[Server] = []
+
+    def start_worker() -> Server:
+        worker = Server(str(work / "repo"), "--cluster", url, "--drain-s", "1", "--log-level", "warning",
+                        log=work / f"w{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    def all_registered() -> None:
+        for w in workers:
+            w.wait_ready()
+        wait_until(lambda: set(registry(url)[0]) == {worker_id(w.port) for w in workers if w.proc.poll() is None},
+                   30, what="registered")
+
+    balancer = BalancerProcess(url, work / "balancer.log")
+    try:
+        # -- throughput: discovery client against HAProxy, same workers ---------------------------------
+        direct, proxied = {}, {}
+        for n in (1, 2, 4, 8):
+            while len(workers) < n:
+                start_worker()
+            all_registered()
+            wait_until(lambda: sum(v.startswith("UP") for v in balancer.servers().values()) == n, 30, what="UP")
+            direct[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds))[0]
+            proxied[n] = asyncio.run(closed_loop(balancer.url, 4 * n, args.seconds))[0]
+            print(f"N={n}: discovery {direct[n]:.0f} req/s = {direct[n] / (n * direct[1]):.2f} x N x one worker "
+                  f"(target >= 0.95); / HAProxy path {proxied[n]:.0f} req/s = {direct[n] / proxied[n]:.2f} "
+                  f"(target >= 1)", flush=True)
+
+        # -- latency, one request at a time ------------------------------------------------------------
+        pairs = []
+        for _ in range(3):
+            d = asyncio.run(p50_one_at_a_time(url))
+            p = asyncio.run(p50_one_at_a_time(balancer.url))
+            pairs.append((d / p, d, p))
+        ratio, d, p = sorted(pairs)[1]
+        print(f"p50 one at a time: discovery {d * 1000:.3f} ms / HAProxy path {p * 1000:.3f} ms = {ratio:.2f} "
+              f"(target < 1; median of 3 pairs)", flush=True)
+
+        # -- hedging: one worker of 4 stalls now and then (SIGSTOP 0.4 s every 2 s) ---------------------
+        for w in workers[4:]:
+            w.proc.send_signal(signal.SIGTERM)
+        for w in workers[4:]:
+            w.stop()
+        del workers[4:]
+        all_registered()
+        staller = workers[3]
+        stalling = threading.Event()
+
+        def stall() -> None:
+            while not stalling.wait(1.6):
+                staller.proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.4)
+                staller.proc.send_signal(signal.SIGCONT)
+
+        def with_stalls(**options):
+            stalling.clear()
+            thread = threading.Thread(target=stall, daemon=True)
+            thread.start()
+            try:
+                return asyncio.run(closed_loop(url, 2, args.seconds * 2, **options))
+            finally:
+                stalling.set()
+                thread.join()
+                staller.proc.send_signal(signal.SIGCONT)
+
+        _, plain, _ = with_stalls()
+        _, hedged, client = with_stalls(hedge_after_ms="p95")
+        extra = client.discovery.stats["hedges"] / client.discovery.stats["requests"]
+        print(f"one worker of 4 stalling: p99 {p99(hedged) * 1000:.1f} ms with hedging (p95) / {p99(plain) * 1000:.1f} "
+              f"ms without = {p99(hedged) / p99(plain):.2f} (target <= 0.5); extra requests {extra:.1%} "
+              f"(target <= 10 %); hedges won {client.discovery.stats['hedges_won']}", flush=True)
+
+        # -- a registry change seen by the client ---------------------------------------------------------
+        async def join_time() -> float:
+            async with AsyncClient(url, timeout_s=30) as client:
+                stop = asyncio.Event()
+
+                async def load() -> None:
+                    while not stop.is_set():
+                        await client.infer("fixed", {"image": PIXELS})
+
+                tasks = [asyncio.ensure_future(load()) for _ in range(8)]
+                new = start_worker()
+                new_id = worker_id(new.port)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, lambda: wait_until(lambda: new_id in registry(url)[0], 60,
+                                                                    every_s=0.005, what="registered"))
+                registered = time.monotonic()
+                while client.discovery.attempts[new_id] == 0:
+                    await asyncio.sleep(0.002)
+                took = time.monotonic() - registered
+                stop.set()
+                await asyncio.gather(*tasks)
+                return took
+
+        took = asyncio.run(join_time())
+        print(f"a new worker's first request from the client after its key appeared: {took:.3f} s = "
+              f"{took:.2f} x the 1 s target", flush=True)
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.stop()
+        balancer.stop()
+        etcd.close()
+
+
+if __name__ == "__main__":
+    main()
