@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
 from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server  # noqa: E402
+from servers import Server, stop_all  # noqa: E402
 
 from modelport.bundle import write_config  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402
@@ -190,11 +190,7 @@ def main() -> None:
               f"(negative: nothing after); failed requests during joins and kills: {len(failed)} of {len(seen)}",
               flush=True)
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.stop()
+        stop_all(workers)
         balancer.stop()
         etcd.close()
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from balancer import fixed_cost_bundle  # noqa: E402
 from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server  # noqa: E402
+from servers import Server, stop_all  # noqa: E402
 
 from modelport import AsyncClient  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402
@@ -129,10 +129,7 @@ def main() -> None:
               f"(target < 1; median of 3 pairs)", flush=True)
 
         # -- hedging: one worker of 4 stalls now and then (SIGSTOP 0.4 s every 2 s) ---------------------
-        for w in workers[4:]:
-            w.proc.send_signal(signal.SIGTERM)
-        for w in workers[4:]:
-            w.stop()
+        stop_all(workers[4:])
         del workers[4:]
         all_registered()
         staller = workers[3]
@@ -189,11 +186,7 @@ def main() -> None:
         print(f"a new worker's first request from the client after its key appeared: {took:.3f} s = "
               f"{took:.2f} x the 1 s target", flush=True)
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.stop()
+        stop_all(workers)
         balancer.stop()
         etcd.close()
 

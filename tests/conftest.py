@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from cluster import TTL_S, BalancerProcess, EtcdServer, registry, wait_until
 from modelport import samples
 from modelport.bundle import write_config
 from modelport.server.cluster import worker_id
-from servers import Server
+from servers import Server, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -176,11 +175,6 @@ def cluster(etcd_server, cluster_repo, tmp_path, request):
 
     c = Cluster()
     yield c
-    for worker in c.workers:  # all at once: each one drains for a second
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGCONT)
-            worker.proc.send_signal(signal.SIGTERM)
-    for worker in c.workers:
-        worker.stop()
+    stop_all(c.workers)
     if c.balancer is not None:
         c.balancer.stop()

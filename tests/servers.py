@@ -134,3 +134,14 @@ class Server:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+
+def stop_all(servers: list[Server]) -> None:
+    """SIGTERM every server at once (a cluster worker drains for a while), then wait for each;
+    a frozen (SIGSTOPped) one is woken first."""
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+            server.proc.send_signal(signal.SIGTERM)
+    for server in servers:
+        server.stop()

@@ -18,6 +18,7 @@ from typing import Callable
 
 import uvicorn
 
+from modelport.errors import ModelportError
 from modelport.server.app import create_app
 from modelport.server.cluster import worker_id
 from modelport.server.config import ServerConfig
@@ -91,7 +92,5 @@ def _bind(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as exc:
         listener.close()
-        from modelport.errors import ModelportError
-
         raise ModelportError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return listener
