@@ -36,13 +36,15 @@ from modelport.server.cluster import worker_id  # noqa: E402
 
 TTL_S = 3
 FIXED_COST_MODEL = '''
+import random
 import time
 import numpy as np
 from modelport.runtime import TensorSpec
 
 
 class Model:
-    """Holds its slot for a fixed time per batch without using CPU, like a call to an accelerator."""
+    """Holds its slot for a fixed time per batch without using CPU, like a call to an accelerator;
+    with probability SPIKE, ten times as long (a hiccup no worker can predict)."""
 
     inputs = [TensorSpec("image", "UINT8", (-1, 8, 8, 3))]
     outputs = [TensorSpec("logits", "FP32", (-1, 4))]
@@ -51,14 +53,14 @@ class Model:
         pass
 
     def run(self, feeds):
-        time.sleep(%(seconds)s)
+        time.sleep(%(seconds)s * (10 if random.random() < %(spike)s else 1))
         return {"logits": np.zeros((len(feeds["image"]), 4), np.float32)}
 '''
 
 
-def fixed_cost_bundle(directory: Path, seconds: float = 0.020) -> Path:
+def fixed_cost_bundle(directory: Path, seconds: float = 0.020, spike: float = 0.0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model.py").write_text(FIXED_COST_MODEL % {"seconds": seconds})
+    (directory / "model.py").write_text(FIXED_COST_MODEL % {"seconds": seconds, "spike": spike})
     (directory / "labels.txt").write_text("a\nb\nc\nd\n")
     write_config(directory, {
         "format": 1, "runtime": "python", "model_file": "model.py",

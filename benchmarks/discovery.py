@@ -5,9 +5,9 @@
 Fixed-cost model (a batch of one holds its worker for 20 ms without CPU; see balancer.py), so N
 workers can give N times one worker's throughput on 2 cores. Figures, as ratios in the same run:
 
-- throughput of the discovery client (`AsyncClient("etcd://...")`, 4 N requests in flight) with
-  N = 1, 2, 4, 8 workers / (N x the same client with one worker) (target >= 0.95), and / the same
-  client through `modelport balance` with the same workers (target >= 1);
+- throughput of the discovery client (`AsyncClient("etcd://...")`, 4 N requests in flight, over
+  HTTP and over ZeroMQ) with N = 1, 2, 4, 8 workers / (N x the same client with one worker)
+  (target >= 0.95), and over HTTP / the same client through `modelport balance` (target >= 1);
 - p50, one request at a time, tiny model: discovery client / the same client through HAProxy
   (target < 1: one hop less);
 - one worker of 4 stalling (SIGSTOP for 0.4 s every 2 s), 2 requests in flight: p99 with hedging
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from balancer import fixed_cost_bundle  # noqa: E402
 from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server, stop_all  # noqa: E402
+from servers import Server, free_port, stop_all  # noqa: E402
 
 from modelport import AsyncClient  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402
@@ -44,17 +44,18 @@ PIXELS = np.zeros((1, 8, 8, 3), np.uint8)
 TENSOR = np.zeros((1, 3, 8, 8), np.float32)
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, **options) -> tuple[float, list[float], AsyncClient]:
+async def closed_loop(url: str, concurrency: int, seconds: float, model: str = "fixed",
+                      **options) -> tuple[float, list[float], AsyncClient]:
     latencies: list[float] = []
     async with AsyncClient(url, timeout_s=30, **options) as client:
-        for _ in range(concurrency):  # warm: registry listed, connections open
-            await client.infer("fixed", {"image": PIXELS})
+        for _ in range(max(concurrency, 25)):  # warm: registry listed, connections open, latencies seen
+            await client.infer(model, {"image": PIXELS})
         stop = time.monotonic() + seconds
 
         async def one() -> None:
             while time.monotonic() < stop:
                 start = time.monotonic()
-                await client.infer("fixed", {"image": PIXELS})
+                await client.infer(model, {"image": PIXELS})
                 latencies.append(time.monotonic() - start)
 
         start = time.monotonic()
@@ -87,13 +88,14 @@ def main() -> None:
     (work / "etcd").mkdir()
     etcd = EtcdServer(work / "etcd").start()
     fixed_cost_bundle(work / "repo" / "fixed" / "1")
+    fixed_cost_bundle(work / "repo" / "spiky" / "1", spike=0.03)
     make_tiny_bundle(work / "repo" / "tiny" / "1", size=8)
     url = etcd.url("bench")
     workers: list[Server] = []
 
     def start_worker() -> Server:
         worker = Server(str(work / "repo"), "--cluster", url, "--drain-s", "1", "--log-level", "warning",
-                        log=work / f"w{len(workers)}.log")
+                        log=work / f"w{len(workers)}.log", zmq_port=free_port())
         workers.append(worker)
         return worker
 
@@ -106,16 +108,18 @@ def main() -> None:
     balancer = BalancerProcess(url, work / "balancer.log")
     try:
         # -- throughput: discovery client against HAProxy, same workers ---------------------------------
-        direct, proxied = {}, {}
+        direct, zmq, proxied = {}, {}, {}
         for n in (1, 2, 4, 8):
             while len(workers) < n:
                 start_worker()
             all_registered()
             wait_until(lambda: sum(v.startswith("UP") for v in balancer.servers().values()) == n, 30, what="UP")
             direct[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds))[0]
+            zmq[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds, transport="zmq"))[0]
             proxied[n] = asyncio.run(closed_loop(balancer.url, 4 * n, args.seconds))[0]
-            print(f"N={n}: discovery {direct[n]:.0f} req/s = {direct[n] / (n * direct[1]):.2f} x N x one worker "
-                  f"(target >= 0.95); / HAProxy path {proxied[n]:.0f} req/s = {direct[n] / proxied[n]:.2f} "
+            print(f"N={n}: discovery over HTTP {direct[n]:.0f} req/s = {direct[n] / (n * direct[1]):.2f} x N x one "
+                  f"worker, over ZeroMQ {zmq[n]:.0f} req/s = {zmq[n] / (n * zmq[1]):.2f} x (target >= 0.95); "
+                  f"HTTP discovery / HAProxy path ({proxied[n]:.0f} req/s) = {direct[n] / proxied[n]:.2f} "
                   f"(target >= 1)", flush=True)
 
         # -- latency, one request at a time ------------------------------------------------------------
@@ -152,12 +156,18 @@ def main() -> None:
                 thread.join()
                 staller.proc.send_signal(signal.SIGCONT)
 
+        def report(what: str, plain: list[float], hedged: list[float], client) -> None:
+            extra = client.discovery.stats["hedges"] / client.discovery.stats["requests"]
+            print(f"{what}: p99 {p99(hedged) * 1000:.1f} ms with hedging (p95) / {p99(plain) * 1000:.1f} ms without "
+                  f"= {p99(hedged) / p99(plain):.2f} (target <= 0.5); extra requests {extra:.1%} (target <= 10 %); "
+                  f"hedges won {client.discovery.stats['hedges_won']}", flush=True)
+
         _, plain, _ = with_stalls()
         _, hedged, client = with_stalls(hedge_after_ms="p95")
-        extra = client.discovery.stats["hedges"] / client.discovery.stats["requests"]
-        print(f"one worker of 4 stalling: p99 {p99(hedged) * 1000:.1f} ms with hedging (p95) / {p99(plain) * 1000:.1f} "
-              f"ms without = {p99(hedged) / p99(plain):.2f} (target <= 0.5); extra requests {extra:.1%} "
-              f"(target <= 10 %); hedges won {client.discovery.stats['hedges_won']}", flush=True)
+        report("one worker of 4 stalling", plain, hedged, client)
+        _, plain, _ = asyncio.run(closed_loop(url, 2, args.seconds * 2, model="spiky"))
+        _, hedged, client = asyncio.run(closed_loop(url, 2, args.seconds * 2, model="spiky", hedge_after_ms="p95"))
+        report("every worker: 3 % of requests 10x slower", plain, hedged, client)
 
         # -- a registry change seen by the client ---------------------------------------------------------
         async def join_time() -> float:

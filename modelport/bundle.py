@@ -69,6 +69,7 @@ class Bundle:
     output: Output
     serving: Serving
     metadata: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()  # runtimes without a signature (TorchScript): forward()'s outputs, in order
 
 
 def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
@@ -99,6 +100,9 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     output = _section(reader, "output", Output)
     serving = _section(reader, "serving", Serving)
     metadata = reader.get("metadata", dict, {})
+    outputs = reader.get("outputs", list, [])
+    if not all(isinstance(o, str) and o for o in outputs) or len(set(outputs)) != len(outputs):
+        raise BundleError(f"{config_path}: outputs must be a list of distinct output names, got {outputs!r}")
     reader.reject_unknown()
 
     _check_choice(config_path, "input.layout", image_input.layout, _LAYOUTS)
@@ -120,7 +124,8 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
         raise BundleError(f"{model_file}: model file missing (named by model_file in {config_path})")
     labels = _read_labels(labels_file)
     return Bundle(path=path, name=bundle_name, version=version, runtime=runtime, model_file=model_file,
-                  labels=labels, input=image_input, output=output, serving=serving, metadata=metadata)
+                  labels=labels, input=image_input, output=output, serving=serving, metadata=metadata,
+                  outputs=tuple(outputs))
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:

@@ -155,6 +155,23 @@ def samples(directory: Path) -> None:
         click.echo(path)
 
 
+@main.command("build-model")
+@click.argument("name", type=click.Choice(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
+@click.option("--runtime", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
+              help="Export to ONNX (ONNX Runtime) or to TorchScript (the PyTorch runtime).")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Repository to write NAME/<next version> into. Default: $MODELPORT_HOME/models.")
+def build_model(name: str, runtime: str, output: Path | None) -> None:
+    """Build a packaged model (EfficientNet-Lite0/1/2, ImageNet) into a repository as a new version."""
+    from modelport import default_model, repository
+    from modelport.packaged import build
+
+    root = output or default_model.model_home() / "models"
+    existing = [int(p.name) for p in repository.versions(root / name)]
+    target = root / name / str(max(existing, default=0) + 1)
+    click.echo(build(name, target, runtime=runtime))
+
+
 @main.command("build-default")
 def build_default() -> None:
     """Build the default model (EfficientNet-Lite0, ImageNet) into the cache and print its path."""

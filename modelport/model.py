@@ -25,7 +25,7 @@ class Model:
         self.version = bundle.version
         self.labels = bundle.labels
         self.spec = bundle.input
-        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads)
+        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads, bundle=bundle)
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()

@@ -273,8 +273,12 @@ class Discovery:
         except asyncio.CancelledError:
             if endpoint.gone:
                 raise WorkerGone(f"worker {endpoint.member.id} left the registry during the request") from None
-            # A hedge's loser: its latency is at least this long, which is worth knowing.
-            endpoint.observe(time.monotonic() - start, self.tau_s)
+            # A hedge's loser: its latency is at least this long, which is worth knowing. It counts
+            # in the p95 too: leaving the slow attempts out would lower the p95, hedge earlier, and
+            # spiral into hedging most requests.
+            elapsed = time.monotonic() - start
+            endpoint.observe(elapsed, self.tau_s)
+            self._latencies.append(elapsed)
             raise
         except Exception as exc:
             if _retryable(exc):

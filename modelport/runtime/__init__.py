@@ -15,6 +15,7 @@ import numpy as np
 RUNTIMES = {
     "onnx": "modelport.runtime.onnx:OnnxRuntime",
     "python": "modelport.runtime.python:PythonRuntime",
+    "torch": "modelport.runtime.torch:TorchRuntime",
 }
 
 

@@ -23,7 +23,7 @@ class OnnxRuntime:
     platform = "onnx_onnxv1"
     pure_compute = True  # time grows with the input, never waits on I/O: tiny models may run inline
 
-    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1

@@ -36,7 +36,7 @@ _EXAMPLE = __doc__[__doc__.index("    import numpy"):]
 class PythonRuntime:
     platform = "python"
 
-    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None) -> None:
         path = Path(model_path)
         module_name = f"modelport_user_model_{abs(hash(path.resolve()))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
