@@ -27,7 +27,6 @@ import collections
 import logging
 import math
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
@@ -129,6 +128,8 @@ class Discovery:
         self.directory = Directory(cluster, on_change=self._members_changed)
         self._task: asyncio.Task | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self._quantiles: tuple[int, float, float] = (-1, 0.001, 0.0)  # (samples seen, median, p95), cached
+        self._samples = 0
         self.stats = collections.Counter()  # requests, retries, hedges, hedges_won, budget_exhausted
         self.attempts = collections.Counter()  # per member id: attempts sent there
 
@@ -189,7 +190,7 @@ class Discovery:
         members = self.candidates(model, version)
         fresh = [m for m in members if m.id not in tried] or members
         pair = random.sample(fresh, 2) if len(fresh) > 1 else fresh
-        default = statistics.median(self._latencies) if self._latencies else 0.001
+        default = self._quantile()[0]
         return min((self._endpoint(m) for m in pair), key=lambda e: e.cost(default))
 
     def _any_left(self, model: str, version, tried: set[str]) -> bool:
@@ -278,7 +279,7 @@ class Discovery:
             # spiral into hedging most requests.
             elapsed = time.monotonic() - start
             endpoint.observe(elapsed, self.tau_s)
-            self._latencies.append(elapsed)
+            self._record(elapsed)
             raise
         except Exception as exc:
             if _retryable(exc):
@@ -289,7 +290,7 @@ class Discovery:
             endpoint.attempts.discard(asyncio.current_task())
         elapsed = time.monotonic() - start
         endpoint.observe(elapsed, self.tau_s)
-        self._latencies.append(elapsed)
+        self._record(elapsed)
         return result
 
     def _hedge_delay_s(self) -> float | None:
@@ -298,6 +299,18 @@ class Discovery:
         if self.hedge_after_ms == "p95":
             if len(self._latencies) < 20:
                 return None  # not enough answers yet to know the tail
-            ordered = sorted(self._latencies)
-            return ordered[int(0.95 * (len(ordered) - 1))]
+            return self._quantile()[1]
         return self.hedge_after_ms / 1000
+
+    def _record(self, latency_s: float) -> None:
+        self._latencies.append(latency_s)
+        self._samples += 1
+
+    def _quantile(self) -> tuple[float, float]:
+        """(median, p95) of the recent latencies, recomputed every 32 samples, not per request."""
+        seen, median, p95 = self._quantiles
+        if self._latencies and (seen < 0 or self._samples - seen >= 32):
+            ordered = sorted(self._latencies)
+            median, p95 = ordered[len(ordered) // 2], ordered[int(0.95 * (len(ordered) - 1))]
+            self._quantiles = (self._samples, median, p95)
+        return median, p95
