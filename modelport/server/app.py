@@ -126,9 +126,11 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
               *kserve.routes(), *tfserving.routes()]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id), Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
-        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone, ClientDisconnect: _client_gone,
-                            HTTPException: _http_exception, Exception: internal_error},
+        middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id),
+                    Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
+        exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone,
+                            ClientDisconnect: _client_gone, HTTPException: _http_exception,
+                            Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.config = config
