@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -52,6 +53,8 @@ def test_srv_names_exactly_the_live_workers_and_follows_changes_within_a_second(
     assert {rr.port for rr in answer} == {w.port for w in workers}
     target = str(next(iter(answer)).target)
     assert [rr.address for rr in resolver.resolve(target, "A")] == ["127.0.0.1"]
+    over_tcp = dns.query.tcp(dns.message.make_query(http_name, "SRV"), "127.0.0.1", port=dns_server.port, timeout=2)
+    assert {rr.port for rrset in over_tcp.answer for rr in rrset} == {w.port for w in workers}
 
     # a worker joins: in DNS within a second of its registration
     third = cluster.start_worker(wait=False)
@@ -64,6 +67,24 @@ def test_srv_names_exactly_the_live_workers_and_follows_changes_within_a_second(
     left = wait_until(lambda: leaving.port not in dns_server.srv(http_name), 2, every_s=0.01, what="out of DNS")
     assert joined <= 1.0 and left <= 1.0, (joined, left)
     assert dns_server.srv(http_name) == {workers[1].port, third.port}
+
+
+def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp():
+    """In-process: the zone of 40 workers, asked without EDNS (512-byte UDP answers)."""
+    from modelport.cluster.dns import Zone
+    from modelport.cluster.members import Member
+
+    zone = Zone(ClusterURL.parse("etcd://127.0.0.1:2379/big"))
+    zone.update({f"w{i}": Member(f"w{i}", f"http://10.0.0.{i}:{8000 + i}", models={"tiny": {"versions": ["1"]}})
+                 for i in range(1, 41)})
+    query = dns.message.make_query("_modelport._tcp.big.modelport.", "SRV", use_edns=False).to_wire()
+    udp = dns.message.from_wire(zone.answer(query))
+    assert udp.flags & dns.flags.TC and not udp.answer  # the client must ask again over TCP
+    tcp = dns.message.from_wire(zone.answer(query, max_size=65535))
+    assert sorted(rr.port for rrset in tcp.answer for rr in rrset) == [8000 + i for i in range(1, 41)]
+    assert len(tcp.additional) == 40  # the targets' A records came along
+    edns = dns.message.make_query("_modelport._tcp.big.modelport.", "SRV", use_edns=0, payload=8192).to_wire()
+    assert len(dns.message.from_wire(zone.answer(edns)).answer[0]) == 40  # fits the size the client allows
 
 
 def test_unknown_names_are_nxdomain_and_garbage_is_dropped(cluster, dns_server):

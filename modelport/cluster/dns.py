@@ -10,8 +10,8 @@ following the registry by watch, so an answer is at most one change old:
 
 Draining workers are left out. Answers carry a short TTL (``ttl_s``, 1 s), so resolvers such as
 HAProxy's (``server-template ... resolvers``) follow workers joining and leaving. Unknown names
-get NXDOMAIN; packets that do not parse are dropped; answers too big for the client's UDP size
-are sent truncated (TC), as the protocol says.
+get NXDOMAIN; packets that do not parse are dropped; over UDP, answers too big for the client's
+UDP size are sent truncated (TC), and the client asks again over TCP on the same port.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class Zone:
             add(name, d.QTYPE.AAAA, d.AAAA(str(address)))
         return name
 
-    def answer(self, data: bytes) -> bytes | None:
-        """A reply to one query packet, or None for a packet that is not a DNS query."""
+    def answer(self, data: bytes, max_size: int | None = None) -> bytes | None:
+        """A reply to one query packet, or None for a packet that is not a DNS query.
+        ``max_size``: the transport's limit (TCP: 65535); None: the UDP size the query allows."""
         d = self.dnslib
         try:
             request = d.DNSRecord.parse(data)
@@ -108,9 +109,9 @@ class Zone:
                         for extra in self.records.get(str(rr.rdata.target).lower(), []):
                             reply.add_ar(extra)
         packet = reply.pack()
-        if len(packet) > self._udp_size(request):
+        if len(packet) > (max_size or self._udp_size(request)):
             packet = reply.truncate().pack()
-        return packet
+        return bytes(packet)
 
     def _udp_size(self, request) -> int:
         for rr in request.ar:
@@ -135,15 +136,33 @@ class _Protocol(asyncio.DatagramProtocol):
         self.transport.sendto(reply, addr)
 
 
+async def _serve_tcp_client(zone: Zone, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """DNS over TCP: each message is preceded by its 2-byte length; several may share a connection."""
+    try:
+        while True:
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 10), "big")
+            reply = zone.answer(await asyncio.wait_for(reader.readexactly(size), 10), max_size=65535)
+            if reply is None:
+                break  # not DNS: close the connection
+            writer.write(len(reply).to_bytes(2, "big") + reply)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        pass  # the client is done, or gave up
+    finally:
+        writer.close()
+
+
 async def serve_dns(cluster: ClusterURL, *, host: str, port: int, domain: str = "modelport", ttl_s: int = 1) -> None:
-    """Answer DNS over UDP on ``host:port`` until cancelled."""
+    """Answer DNS over UDP and TCP on ``host:port`` until cancelled."""
     zone = Zone(cluster, domain=domain, ttl_s=ttl_s)
     directory = Directory(cluster, on_change=zone.update)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(zone), local_addr=(host, port))
-    logger.info("DNS for %s on %s:%d (udp): SRV %s.%s", cluster, host, port, HTTP_SERVICE, zone.origin)
+    tcp = await asyncio.start_server(lambda r, w: _serve_tcp_client(zone, r, w), host, port)
+    logger.info("DNS for %s on %s:%d (udp, tcp): SRV %s.%s", cluster, host, port, HTTP_SERVICE, zone.origin)
     try:
         await directory.run()
     finally:
         transport.close()
+        tcp.close()
         await directory.close()
