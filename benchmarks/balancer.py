@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
-from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
+from cluster import BalancerProcess, EtcdServer, registry  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server, stop_all  # noqa: E402
+from servers import Server, stop_all, wait_until  # noqa: E402
 
 from modelport.bundle import write_config  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402

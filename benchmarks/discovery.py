@@ -33,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from balancer import fixed_cost_bundle  # noqa: E402
-from cluster import BalancerProcess, EtcdServer, registry, wait_until  # noqa: E402
+from cluster import BalancerProcess, EtcdServer, registry  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server, free_port, stop_all  # noqa: E402
+from servers import Server, free_port, stop_all, wait_until  # noqa: E402
 
 from modelport import AsyncClient  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 
 from modelport.cluster.etcd import Etcd
 from modelport.cluster.members import ClusterURL, Member
-from servers import free_port
+from servers import free_port, wait_until
 
 TTL_S = 3  # the lease TTL the cluster tests give their workers
 
@@ -96,16 +96,6 @@ def put_raw(url: str, member_id: str, value: bytes) -> None:
             await etcd.close()
 
     asyncio.run(put())
-
-
-def wait_until(predicate, timeout_s: float = 15, every_s: float = 0.02, what: str = "condition") -> float:
-    """Seconds it took; TimeoutError after ``timeout_s``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what} not met within {timeout_s} s")
-        time.sleep(every_s)
-    return time.monotonic() - start
 
 
 class BalancerProcess:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import TTL_S, BalancerProcess, EtcdServer, registry, wait_until
+from cluster import TTL_S, BalancerProcess, EtcdServer, registry
 from modelport import samples
 from modelport.bundle import write_config
 from modelport.server.cluster import worker_id
-from servers import Server, stop_all
+from servers import Server, stop_all, wait_until
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelport.bundle import write_config
 
@@ -145,3 +146,21 @@ def stop_all(servers: list[Server]) -> None:
             server.proc.send_signal(signal.SIGTERM)
     for server in servers:
         server.stop()
+
+
+def metric(url: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_until(predicate, timeout_s: float = 15, every_s: float = 0.02, what: str = "condition") -> float:
+    """Seconds it took; TimeoutError after ``timeout_s``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what} not met within {timeout_s} s")
+        time.sleep(every_s)
+    return time.monotonic() - start

@@ -11,9 +11,9 @@ import time
 
 import httpx
 
-from cluster import TTL_S, EtcdServer, Load, put_raw, registry, wait_until
+from cluster import TTL_S, EtcdServer, Load, put_raw, registry
 from modelport.server.cluster import worker_id
-from servers import Server, free_port
+from servers import Server, free_port, wait_until
 
 
 def test_three_workers_register_share_traffic_and_are_listed(cluster):

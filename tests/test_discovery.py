@@ -15,14 +15,14 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster import wait_until
 from conftest import make_tiny_bundle
 from modelport import AsyncClient, Client
 from modelport.errors import NotFound, Overloaded, Unavailable
 from modelport.server.cluster import worker_id
-from servers import Gate, free_port, make_gate_bundle
+from servers import Gate, free_port, make_gate_bundle, metric, wait_until
 from test_rpc import expected_logits
 
+TTL_WAIT = 5.0  # longer than a worker's lease (3 s): a SIGKILLed worker's key is gone by then
 TENSOR = np.random.default_rng(3).normal(size=(1, 3, 8, 8)).astype(np.float32)
 
 
@@ -72,8 +72,6 @@ def test_spreads_over_three_workers_and_sigkill_loses_nothing(cluster, transport
     logits = asyncio.run(scenario())
     assert logits.shape == (1, 4)
 
-
-TTL_WAIT = 5.0
 
 
 def test_routes_by_model_version_and_label(cluster, tmp_path):
@@ -130,7 +128,7 @@ def test_retries_stay_within_the_budget_when_every_worker_refuses(cluster, tmp_p
     for t in holders:
         t.start()
     wait_until(lambda: len(gate.batches()) == 2, 10, what="one request running on each worker")
-    wait_until(lambda: all(metric_queue(w.url) == 1 for w in workers), 10, what="one queued on each: queues full")
+    wait_until(lambda: all(metric(w.url, "modelport_queue_depth") == 1 for w in workers), 10, what="one queued on each: queues full")
     try:
         with Client(cluster.url, model="gate") as client:
             errors = []
@@ -147,13 +145,6 @@ def test_retries_stay_within_the_budget_when_every_worker_refuses(cluster, tmp_p
         gate.open()
         for t in holders:
             t.join(30)
-
-
-def metric_queue(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("modelport_queue_depth{"):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_hedging_cuts_the_tail_when_a_worker_stalls(cluster):

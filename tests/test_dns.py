@@ -16,10 +16,10 @@ import dns.resolver
 import httpx
 import pytest
 
-from cluster import HAPROXY_WITH_DNS, DnsProcess, Load, wait_until
+from cluster import HAPROXY_WITH_DNS, DnsProcess, Load
 from modelport.cluster.members import ClusterURL
 from modelport.server.cluster import worker_id
-from servers import free_port
+from servers import free_port, wait_until
 
 
 @pytest.fixture

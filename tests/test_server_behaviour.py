@@ -13,10 +13,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_tiny_bundle, tiny_onnx
-from servers import Gate, Server, make_gate_bundle
+from servers import Gate, Server, make_gate_bundle, metric, wait_until
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -27,22 +26,6 @@ def png(pixels: np.ndarray) -> bytes:
 
 def gate_request(pixels: np.ndarray) -> dict:
     return {"inputs": [{"name": "image", "shape": [1, 8, 8, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
-
-
-def metric(url: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
-def wait_for(predicate, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -91,9 +74,9 @@ def test_queue_full_is_refused_fast_while_queued_requests_complete(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(8) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 1)  # the held request is in the model
+        wait_until(lambda: len(gate.batches()) == 1)  # the held request is in the model
         queued = [pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels)) for _ in range(4)]
-        wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 4)
+        wait_until(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 4)
         start = time.monotonic()
         refused = client.post("/v2/models/gate/infer", json=gate_request(pixels))
         elapsed = time.monotonic() - start
@@ -110,10 +93,10 @@ def test_deadline_passed_in_queue_is_504_without_compute(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 1)
+        wait_until(lambda: len(gate.batches()) == 1)
         late = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels),
                            headers={"X-Request-Timeout-Ms": "50"})
-        wait_for(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 1)
+        wait_until(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 1)
         time.sleep(0.1)  # let the queued request's own deadline pass (this is the thing under test)
         gate.open()
         assert running.result().status_code == 200
@@ -153,10 +136,10 @@ def test_client_that_disconnects_while_queued_is_never_executed(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=server.url, timeout=30) as client:
         running = pool.submit(client.post, "/v2/models/gate/infer", json=gate_request(pixels))
-        wait_for(lambda: len(gate.batches()) == 1)
+        wait_until(lambda: len(gate.batches()) == 1)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=0.3)
-        wait_for(lambda: metric(server.url, "modelport_requests_total", model="gate", status="499") == 1)
+        wait_until(lambda: metric(server.url, "modelport_requests_total", model="gate", status="499") == 1)
         gate.open()
         assert running.result().status_code == 200
     assert len(gate.batches()) == 1
@@ -200,7 +183,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(gated):
     with ThreadPoolExecutor(4) as pool:
         inflight = [pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
                     for _ in range(4)]
-        wait_for(lambda: len(gate.batches()) == 1 and metric(server.url, "modelport_queue_depth", model="gate") == 3)
+        wait_until(lambda: len(gate.batches()) == 1 and metric(server.url, "modelport_queue_depth", model="gate") == 3)
         server.signal(signal.SIGTERM)
         time.sleep(0.2)  # the server is now draining with requests held by the gate
         assert server.proc.poll() is None
@@ -215,7 +198,7 @@ def test_second_signal_forces_exit(gated):
     pixels = np.zeros((8, 8, 3), np.uint8)
     with ThreadPoolExecutor(1) as pool:
         stuck = pool.submit(httpx.post, server.url + "/v2/models/gate/infer", json=gate_request(pixels), timeout=30)
-        wait_for(lambda: len(gate.batches()) == 1)
+        wait_until(lambda: len(gate.batches()) == 1)
         server.signal(signal.SIGTERM)
         time.sleep(0.2)
         assert server.proc.poll() is None  # waiting for the held request
@@ -261,7 +244,7 @@ def test_readiness_is_503_while_models_load(tmp_path):
         loading = client.get("/v2/models/tiny")
         assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
         release.set()
-        wait_for(lambda: client.get("/v2/health/ready").status_code == 200)
+        wait_until(lambda: client.get("/v2/health/ready").status_code == 200)
         assert client.get("/v2/models/tiny").status_code == 200
 
 
@@ -323,7 +306,7 @@ def test_slow_clients_are_cut_off_and_do_not_starve_others(tmp_path):
             except ConnectionResetError:
                 pass
             s.close()
-        wait_for(lambda: fds() <= baseline + 2)
+        wait_until(lambda: fds() <= baseline + 2)
     finally:
         server.stop()
 
@@ -352,7 +335,7 @@ def test_client_that_never_reads_responses_is_cut_off(tmp_path):
                         f"Content-Length: {len(header) + rows.nbytes}\r\n"
                         f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + header + rows.tobytes())
         # Never read. The server's send buffer fills; after the write timeout it lets go.
-        wait_for(lambda: fds() <= baseline, timeout_s=30)
+        wait_until(lambda: fds() <= baseline, timeout_s=30)
         body = {"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}
         assert httpx.post(server.url + "/v2/models/tiny/infer", json=body).status_code == 200
         greedy.close()

@@ -127,6 +127,7 @@ class Discovery:
         self.endpoints: dict[str, Endpoint] = {}
         self.directory = Directory(cluster, on_change=self._members_changed)
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
         self._quantiles: tuple[int, float, float] = (-1, 0.001, 0.0)  # (samples seen, median, p95), cached
         self._samples = 0
@@ -220,7 +221,9 @@ class Discovery:
             endpoint.gone = True
             for attempt in list(endpoint.attempts):
                 attempt.cancel()
-            asyncio.get_running_loop().create_task(self._close_when_idle(endpoint))
+            closing = asyncio.get_running_loop().create_task(self._close_when_idle(endpoint))
+            self._closing.add(closing)  # a task nobody references may be collected before it runs
+            closing.add_done_callback(self._closing.discard)
 
     async def _close_when_idle(self, endpoint: Endpoint) -> None:
         while endpoint.attempts:

@@ -40,6 +40,7 @@ class Membership:
         self._published: Member | None = None
         self._draining = False
         self._wake = asyncio.Event()
+        self._drain_published = asyncio.Event()  # set once etcd holds our "draining" entry
         self.registered = asyncio.Event()  # set while our key is in etcd as far as we know
         self._task: asyncio.Task | None = None
 
@@ -51,12 +52,10 @@ class Membership:
         sending new work here, while the worker still serves what arrives."""
         self._draining = True
         self._wake.set()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._published is not None and self._published.state == DRAINING:
-                return
-            await asyncio.sleep(0.01)
-        logger.warning("could not publish 'draining' within %.1f s (registry unreachable?)", timeout_s)
+        try:
+            await asyncio.wait_for(self._drain_published.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("could not publish 'draining' within %.1f s (registry unreachable?)", timeout_s)
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Stop refreshing and revoke the lease: the key is gone at once."""
@@ -97,7 +96,7 @@ class Membership:
         self._lease = lease
         member = self.member()
         await self._etcd.put(self.cluster.key(member.id), member.to_json(), lease=lease)
-        self._published = member
+        self._published_now(member)
         self.registered.set()
         logger.info("registered in %s as %s (%s, lease %x, ttl %d s)", self.cluster, member.id, member.state,
                     lease, self.ttl_s)
@@ -126,7 +125,12 @@ class Membership:
                 await self._etcd.put(self.cluster.key(member.id), member.to_json(), lease=self._lease)
                 if member.state != self._published.state or member.models != self._published.models:
                     logger.info("registry entry now %s with %s", member.state, _models_text(member))
-                self._published = member
+                self._published_now(member)
+
+    def _published_now(self, member: Member) -> None:
+        self._published = member
+        if member.state == DRAINING:
+            self._drain_published.set()
 
 
 def _models_text(member: Member) -> str:
