@@ -122,12 +122,17 @@ def test_retries_stay_within_the_budget_when_every_worker_refuses(cluster, tmp_p
     gate.close()
     pixels = np.zeros((1, 8, 8, 3), np.uint8)
     body = {"inputs": [{"name": "image", "shape": [1, 8, 8, 3], "datatype": "UINT8", "data": [0] * 192}]}
-    holders = [threading.Thread(target=lambda url=w.url: httpx.post(url + "/v2/models/gate/infer", json=body,
-                                                                     timeout=60), daemon=True)
-               for w in workers for _ in range(2)]  # one running, one queued: each queue is full
-    for t in holders:
-        t.start()
+    def hold(url: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: httpx.post(url + "/v2/models/gate/infer", json=body, timeout=60),
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    # One running, then one queued, on each: each queue is full. The second is sent only once the first
+    # runs: sent together, the second can find the first still queued and be refused.
+    holders = [hold(w.url) for w in workers]
     wait_until(lambda: len(gate.batches()) == 2, 10, what="one request running on each worker")
+    holders += [hold(w.url) for w in workers]
     wait_until(lambda: all(metric(w.url, "modelport_queue_depth") == 1 for w in workers), 10, what="one queued on each: queues full")
     try:
         with Client(cluster.url, model="gate") as client:
