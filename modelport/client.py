@@ -13,7 +13,7 @@ calls them directly (``modelport/cluster/discovery.py``: choice of worker, failo
 Server errors come back as the ``modelport.errors`` classes (``BadInput``, ``NotFound``,
 ``Overloaded`` with ``retry_after_s``, ``DeadlineExceeded``, ...); a reply that does not arrive in
 ``timeout_s`` raises ``ClientTimeout``. Both transports reconnect by themselves after a server
-restart (ZeroMQ's DEALER reconnects; httpx opens a new connection).
+restart (ZeroMQ's DEALER reconnects; the HTTP clients open a new connection).
 """
 
 from __future__ import annotations
@@ -371,11 +371,8 @@ class AsyncClient:
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(self._address)
-        else:
-            import httpx
-
-            self._http = httpx.AsyncClient(base_url=self._address, timeout=timeout_s,
-                                           limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        else:  # aiohttp: a fifth of httpx's CPU per request (docs/decisions.md); opened in the running loop
+            self._session = None
             self._primary: dict[str, str] = {}
 
     async def classify(self, image: ImageLike, *, top_k: int = 5, model: str | None = None,
@@ -415,7 +412,8 @@ class AsyncClient:
             return any(m.state == "ready" for m in self.discovery.directory.members.values())
         if self.kind == "zmq":
             return bool((await self._call({"op": "ping"})).get("ok"))
-        return (await self._http.get("/v2/health/ready")).status_code == 200
+        async with (await self._open_session()).get(self._address + "/v2/health/ready") as response:
+            return response.status == 200
 
     async def close(self) -> None:
         if self.kind == "discovery":
@@ -428,8 +426,8 @@ class AsyncClient:
                 future.cancel()
             self._socket.close(linger=0)
             self._context.term()
-        else:
-            await self._http.aclose()
+        elif self._session is not None:
+            await self._session.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -459,21 +457,34 @@ class AsyncClient:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
-        import httpx
+    async def _open_session(self):
+        if self._session is None:
+            import aiohttp
 
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=None), skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def _request(self, method: str, path: str, **kwargs) -> tuple[int, bytes, Mapping[str, str]]:
+        session = await self._open_session()
         try:
-            response = await self._http.post(_v2_path(model, version), content=body, headers=headers)
-        except httpx.TimeoutException:
+            async with session.request(method, self._address + path, **kwargs) as response:
+                return response.status, await response.read(), response.headers
+        except asyncio.TimeoutError:  # aiohttp's timeouts are asyncio's
             raise ClientTimeout(f"no reply from {self._address} in {self.timeout_s} s") from None
-        if response.status_code != 200:
-            raise _http_error(response.status_code, response.content, response.headers)
-        return _v2_outputs(response.content, response.headers)
+
+    async def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
+        status, content, reply_headers = await self._request("POST", _v2_path(model, version), data=body,
+                                                             headers=headers)
+        if status != 200:
+            raise _http_error(status, content, reply_headers)
+        return _v2_outputs(content, reply_headers)
 
     async def _primary_output(self, model: str, version) -> str:
         if model not in self._primary:
-            response = await self._http.get(_metadata_path(model, version))
-            if response.status_code != 200:
-                raise _http_error(response.status_code, response.content, response.headers)
-            self._primary[model] = response.json()["outputs"][0]["name"]
+            status, content, headers = await self._request("GET", _metadata_path(model, version))
+            if status != 200:
+                raise _http_error(status, content, headers)
+            self._primary[model] = json.loads(content)["outputs"][0]["name"]
         return self._primary[model]

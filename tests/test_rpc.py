@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +47,44 @@ def test_errors_carry_the_server_kind(default_server):
         with pytest.raises(BadInput):
             z.infer(MODEL, [b"x"], outputs=["nope"])
         assert z.ping()
+
+
+def test_the_async_client_answers_and_fails_like_the_blocking_one(default_server, images):
+    async def run(url: str):
+        async with AsyncClient(url, timeout_s=20) as client:
+            answer = await client.classify(images["espresso"], top_k=3)
+            errors = []
+            for call in (client.classify(b"x", model="no-such-model"), client.classify(b"not an image"),
+                         client.infer(MODEL, {"image": np.zeros((1, 2, 2, 3), np.uint8)})):
+                with pytest.raises((NotFound, BadInput)) as info:
+                    await call
+                errors.append((type(info.value), info.value.message))
+            return answer, errors, await client.ping()
+
+    with Client(default_server.url) as blocking:
+        expected = blocking.classify(images["espresso"], top_k=3)
+    for url in (default_server.url, default_server.zmq_url):
+        answer, errors, ready = asyncio.run(run(url))
+        assert answer == expected and ready
+        assert [kind for kind, _ in errors] == [NotFound, BadInput, BadInput], url
+        assert "cannot decode image" in errors[1][1]
+
+
+def test_the_async_http_client_times_out_on_a_stopped_server(tiny_server):
+    server, _ = tiny_server
+
+    async def run():
+        async with AsyncClient(server.url, model="tiny", timeout_s=0.5) as client:
+            await client.infer("tiny", {"image": np.zeros((1, 3, 8, 8), np.float32)})  # connected
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(ClientTimeout):
+                    await client.infer("tiny", {"image": np.zeros((1, 3, 8, 8), np.float32)})
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            return await client.infer("tiny", {"image": np.zeros((1, 3, 8, 8), np.float32)})
+
+    assert asyncio.run(run())["logits"].shape == (1, 4)
 
 
 @pytest.fixture

@@ -100,13 +100,15 @@ def serves(member: Member, model: str, version: str | int | None) -> bool:
 
 
 def _retryable(exc: BaseException) -> bool:
-    import httpx
+    import aiohttp
 
     if isinstance(exc, (WorkerGone, Overloaded)):
         return True
     if isinstance(exc, Unavailable):  # draining or still loading there; not "registry unreachable"
         return exc.kind == "unavailable"
-    return isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+    # refused, reset, closed before the reply (the worker is gone); not a timeout
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)) and \
+        not isinstance(exc, asyncio.TimeoutError)
 
 
 class Discovery:
