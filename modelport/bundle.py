@@ -19,6 +19,7 @@ from modelport.runtime import RUNTIMES
 CONFIG_FILE = "modelport.toml"
 FORMAT_VERSION = 1
 
+_INPUT_KINDS = ("image", "tensor")
 _LAYOUTS = ("NHWC", "NCHW")
 _DTYPES = ("uint8", "float32")
 _CHANNEL_ORDERS = ("RGB", "BGR")
@@ -27,9 +28,16 @@ _OUTPUT_KINDS = ("probabilities", "logits")
 
 @dataclass(frozen=True)
 class ImageInput:
-    """How an encoded image becomes the tensor the graph takes."""
+    """How an encoded image becomes the tensor the graph takes.
+
+    ``kind = "tensor"`` marks a model that takes no images, only tensors (a classifier head fed
+    with another model's features, in a pipeline chain); ``size`` is then the number of values per
+    row, for runtimes without a signature to read it from (TorchScript).
+    """
 
     name: str | None = None  # graph input name; None = the graph's first input
+    kind: str = "image"
+    size: int = 0
     height: int = 224
     width: int = 224
     # Shorter side is resized to this, then the centre height x width is cropped. 0 = resize the
@@ -105,6 +113,10 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
         raise BundleError(f"{config_path}: outputs must be a list of distinct output names, got {outputs!r}")
     reader.reject_unknown()
 
+    _check_choice(config_path, "input.kind", image_input.kind, _INPUT_KINDS)
+    if image_input.kind == "tensor" and runtime == "torch" and image_input.size < 1:
+        raise BundleError(f"{config_path}: a TorchScript model with input.kind = \"tensor\" needs input.size "
+                          f"(values per row): TorchScript has no signature to read it from")
     _check_choice(config_path, "input.layout", image_input.layout, _LAYOUTS)
     _check_choice(config_path, "input.dtype", image_input.dtype, _DTYPES)
     _check_choice(config_path, "input.channel_order", image_input.channel_order, _CHANNEL_ORDERS)

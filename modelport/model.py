@@ -10,9 +10,9 @@ import numpy as np
 
 from modelport import imaging
 from modelport.bundle import Bundle, load_bundle
-from modelport.errors import BundleError
+from modelport.errors import BadInput, BundleError
 from modelport.predictions import Prediction, softmax, top_k
-from modelport.runtime import TensorSpec, runtime_class
+from modelport.runtime import V2_TO_NUMPY, TensorSpec, runtime_class
 
 
 class Model:
@@ -36,12 +36,19 @@ class Model:
         return cls(load_bundle(Path(path), name=name), threads=threads)
 
     @property
+    def takes_images(self) -> bool:
+        return self.spec.kind == "image"
+
+    @property
     def platform(self) -> str:
         return self.runtime.platform
 
     def decode(self, data: bytes, *, max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
                input_name: str | None = None) -> np.ndarray:
         """Encoded image -> (H, W, 3) uint8. Safe to call from many threads at once."""
+        if not self.takes_images:
+            raise BadInput(f"model {self.name!r} takes tensors ({self.input.name!r}), not images",
+                           input_name=input_name)
         return imaging.decode(data, self.spec, max_pixels=max_pixels, input_name=input_name)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -69,10 +76,16 @@ class Model:
     def warm_up(self) -> None:
         # The first run allocates ORT's arena and picks kernels; pay for it at load, not on a
         # request. The second, warm run's time tells the server how expensive a batch is.
-        batch = np.zeros((1, self.spec.height, self.spec.width, 3), dtype=np.uint8)
-        self.predict(batch)
+        if self.takes_images:
+            batch = np.zeros((1, self.spec.height, self.spec.width, 3), dtype=np.uint8)
+            run = lambda: self.predict(batch)  # noqa: E731
+        else:
+            feeds = {self.input.name: np.zeros([1] + [max(d, 1) for d in self.input.shape[1:]],
+                                               dtype=V2_TO_NUMPY[self.input.datatype])}
+            run = lambda: self.run(feeds, [self.output.name])  # noqa: E731
+        run()
         start = time.perf_counter()
-        self.predict(batch)
+        run()
         self.warm_up_s = time.perf_counter() - start
 
     def close(self) -> None:
@@ -90,6 +103,9 @@ class Model:
     def _check_signature(self) -> None:
         where = self.bundle.model_file
         spec = self.spec
+        if not self.takes_images:
+            self._check_labels()
+            return
         expected_dtype = {"uint8": "UINT8", "float32": "FP32"}[spec.dtype]
         if self.input.datatype != expected_dtype:
             raise BundleError(f"{where}: input {self.input.name!r} is {self.input.datatype}, but modelport.toml says "
@@ -102,6 +118,9 @@ class Model:
         if len(actual) != 3 or any(a not in (-1, e) for a, e in zip(actual, expected_shape)):
             raise BundleError(f"{where}: input {self.input.name!r} has shape {list(self.input.shape)}, but "
                               f"modelport.toml describes [-1, {', '.join(map(str, expected_shape))}] ({spec.layout})")
+        self._check_labels()
+
+    def _check_labels(self) -> None:
         width = self.output.shape[-1] if self.output.shape else -1
         if width != -1 and width != len(self.labels):
             raise BundleError(f"{self.bundle.path / 'labels.txt'}: {len(self.labels)} labels, but output "

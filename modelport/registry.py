@@ -62,9 +62,11 @@ class Registry:
         if version is None:
             ready = [v for v, s in model.versions.items() if s.state == READY]
             if not ready:
-                raise Unavailable(f"model {name!r} has no version ready", retry_after_s=1) \
-                    if any(s.state == LOADING for s in model.versions.values()) \
-                    else NotFound(f"model {name!r} has no version available")
+                if any(s.state == LOADING for s in model.versions.values()):
+                    raise Unavailable(f"model {name!r} has no version ready", retry_after_s=1)
+                failed = "; ".join(f"version {v} FAILED: {s.reason}" for v, s in sorted(model.versions.items())
+                                   if s.state == FAILED and s.reason)
+                raise NotFound(f"model {name!r} has no version available" + (f" ({failed})" if failed else ""))
             return model.versions[max(ready)].service
         number = self._version_number(name, model, version)
         state = model.versions.get(number)

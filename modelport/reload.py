@@ -27,11 +27,18 @@ from modelport import repository
 from modelport.bundle import CONFIG_FILE
 from modelport.errors import ModelportError, NotFound
 from modelport.registry import FAILED, LOADING, READY, Registry, check_name
+from modelport.pipeline.config import PIPELINE_FILE, PipelineConfig, check_graph, read_pipeline
 from modelport.service import ModelService
 
 logger = logging.getLogger("modelport.reload")
 
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+_PIPELINE_RETRY_MAX_S = 4.0  # a pipeline costs nothing to build; its steps may load any moment
+PIPELINE_VERSION = 1  # a pipeline is its file: one version, rebuilt when the file changes
+
+
+def _is_pipeline(model_dir: Path) -> bool:
+    return (model_dir / PIPELINE_FILE).is_file()
 
 
 @dataclass
@@ -45,14 +52,17 @@ class _Failure:
     signature: tuple
     attempts: int
     retry_at: float
+    reason: str = ""
 
 
 class Reloader:
     def __init__(self, root: Path, registry: Registry, load: Callable[[str, Path], Awaitable[ModelService]], *,
+                 load_pipeline: Callable[[str, PipelineConfig], object] | None = None,
                  settle_s: float = 0.5, poll_s: float = 1.0, watch: bool = True) -> None:
         self.root = root
         self.registry = registry
         self._load = load
+        self._load_pipeline = load_pipeline
         self.settle_s = settle_s
         self.poll_s = poll_s
         self.watch = watch
@@ -63,6 +73,7 @@ class Reloader:
         self._lock = asyncio.Lock()  # one sync at a time: the watcher's and the API's
         self._next_wake: float | None = None
         self._unsettled: set[tuple[str, int]] = set()  # version directories whose files are still changing
+        self._built: dict[str, tuple] = {}  # pipeline name -> the signature of the files it was built from
 
     async def load_initial(self) -> None:
         """Load what the repository holds now (once its files are still), then mark the registry ready."""
@@ -116,7 +127,9 @@ class Reloader:
         async with self._lock:
             self._next_wake = None
             on_disk = self._models_on_disk()
-            names = [only] if only else sorted(set(on_disk) | {e["name"] for e in self.registry.index()})
+            # Pipelines after models: their steps are then loaded (or known to have failed).
+            names = [only] if only else sorted(set(on_disk) | {e["name"] for e in self.registry.index()},
+                                               key=lambda n: (n in on_disk and _is_pipeline(on_disk[n]), n))
             for name in names:
                 try:
                     await self._sync_model(name, on_disk.get(name))
@@ -146,6 +159,9 @@ class Reloader:
                 await self.registry.retire(name, version)
             self.registry.set_labels(name, {})
             self.registry.forget_model(name)
+            return
+        if _is_pipeline(model_dir) and self._load_pipeline is not None:
+            await self._sync_pipeline(name, model_dir / PIPELINE_FILE)
             return
         try:
             config = repository.read_model_config(model_dir)
@@ -207,7 +223,44 @@ class Reloader:
                 self._unsettled.add(key)
         return complete
 
-    async def _try_load(self, name: str, version: int, path: Path) -> None:
+    async def _sync_pipeline(self, name: str, path: Path) -> None:
+        """A pipeline is one file and owns no model: it is (re)built when the file has changed and
+        settled, and retried soon after a failure (its steps may still be loading)."""
+        key = (name, PIPELINE_VERSION)
+        now = time.monotonic()
+        sig = repository.signature(path.parent)
+        seen = self._seen.get(key)
+        if seen is None or seen.signature != sig:
+            self._seen[key] = _Seen(sig, now)
+            self._wake_at(now + self.settle_s)
+            self._unsettled.add(key)
+            return
+        if now - seen.since < self.settle_s:
+            self._wake_at(seen.since + self.settle_s)
+            return
+        self._unsettled.discard(key)
+        loaded = self.registry.versions(name) if self.registry.known(name) else {}
+        current = loaded.get(PIPELINE_VERSION)
+        if current is not None and current.state == READY and self._built.get(name) == sig:
+            return
+        for version in [v for v in loaded if v != PIPELINE_VERSION]:  # it was a model before
+            await self.registry.retire(name, version)
+
+        async def build():
+            config = read_pipeline(path)
+            check_graph(name, config, self._pipeline_on_disk)
+            return self._load_pipeline(name, config)
+
+        await self._try_load(name, PIPELINE_VERSION, build, retry_max_s=_PIPELINE_RETRY_MAX_S)
+        if self.registry.versions(name)[PIPELINE_VERSION].state == READY:
+            self._built[name] = sig
+
+    def _pipeline_on_disk(self, name: str) -> PipelineConfig | None:
+        path = self.root / name / PIPELINE_FILE
+        return read_pipeline(path) if path.is_file() and not repository.escapes(self.root, path) else None
+
+    async def _try_load(self, name: str, version: int, path: Path | Callable[[], Awaitable],
+                        retry_max_s: float = _RETRY_MAX_S) -> None:
         key = (name, version)
         sig = self._seen[key].signature
         failure = self._failures.get(key)
@@ -217,16 +270,18 @@ class Reloader:
             return
         self.registry.set_state(name, version, LOADING)
         try:
-            service = await self._load(name, path)
+            service = await (path() if callable(path) else self._load(name, path))
         except Exception as exc:
             reason = exc.message if isinstance(exc, ModelportError) else f"{type(exc).__name__}: {exc}"
             attempts = failure.attempts + 1 if failure and failure.signature == sig else 1
-            delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (attempts - 1))
-            self._failures[key] = _Failure(sig, attempts, now + delay)
+            delay = min(retry_max_s, _RETRY_FIRST_S * 2 ** (attempts - 1))
+            self._failures[key] = _Failure(sig, attempts, now + delay, reason)
             self._wake_at(now + delay)
             self.registry.set_state(name, version, FAILED, reason)
-            logger.error("model %s version %s FAILED (attempt %d, next in %.0f s): %s", name, version, attempts,
-                         delay, reason)
+            # Said once per reason: a pipeline waiting for a step retries every few seconds.
+            level = logging.DEBUG if failure and failure.reason == reason else logging.ERROR
+            logger.log(level, "model %s version %s FAILED (attempt %d, next in %.0f s): %s", name, version,
+                       attempts, delay, reason)
             return
         self._failures.pop(key, None)
         self.registry.set_state(name, version, READY, service=service)

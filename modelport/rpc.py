@@ -121,8 +121,9 @@ class RpcServer:
                 raise BadInput("classify needs images", input_name="images")
             k = untrusted.optional_integer(request.get("top_k"), "top_k", minimum=1)
             rows = await service.classify(images, k=k, deadline=deadline, timing=timing, input_name="images")
-            return {"id": request.get("id"), "ok": True, "model": service.name, "version": str(service.version),
-                    "predictions": [[[p.label, p.index, p.score] for p in row] for row in rows]}
+            return _answered_by(timing, {"id": request.get("id"), "ok": True, "model": service.name,
+                                         "version": str(service.version),
+                                         "predictions": [[[p.label, p.index, p.score] for p in row] for row in rows]})
         if op != "infer":
             raise BadInput(f"unknown op {untrusted.show(op)}; expected one of {', '.join(wire.PROTOCOL_OPS)}")
         names = request.get("outputs")
@@ -138,11 +139,18 @@ class RpcServer:
                 raise BadInput(f"infer needs images, or inputs with exactly {graph_input!r}")
             array = wire.tensor_from_wire(inputs[graph_input], graph_input)
             outputs = await service.infer_tensor(array, deadline=deadline, timing=timing)
-        return {"id": request.get("id"), "ok": True, "model": service.name, "version": str(service.version),
-                "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}}
+        return _answered_by(timing, {"id": request.get("id"), "ok": True, "model": service.name,
+                                     "version": str(service.version),
+                                     "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}})
 
     async def _reply(self, identity: bytes, reply: dict) -> None:
         try:
             await self._socket.send_multipart([identity, wire.pack(reply)])
         except zmq.ZMQError as exc:  # the socket is closing, or the peer vanished
             logger.debug("zmq reply dropped: %s", exc)
+
+
+def _answered_by(timing: Timing, reply: dict) -> dict:
+    if timing.answered_by:  # a cascade: which step answered each image
+        reply["answered_by"] = timing.answered_by
+    return reply

@@ -31,10 +31,18 @@ class Timing:
     queue_s: float = 0.0
     infer_s: float = 0.0
     enqueued: float = 0.0
+    # A pipeline's request: each step's own timing, and the step that answered each row (cascade).
+    steps: list[tuple[str, "Timing"]] = field(default_factory=list)
+    answered_by: list[str] = field(default_factory=list)
 
     def server_timing(self) -> str:
-        return (f"decode;dur={self.decode_s * 1000:.3f}, queue;dur={self.queue_s * 1000:.3f}, "
-                f"infer;dur={self.infer_s * 1000:.3f}")
+        if not self.steps:
+            return (f"decode;dur={self.decode_s * 1000:.3f}, queue;dur={self.queue_s * 1000:.3f}, "
+                    f"infer;dur={self.infer_s * 1000:.3f}")
+        entries = [f"decode;dur={self.decode_s * 1000:.3f}"]
+        for name, step in self.steps:
+            entries.append(f"{name}.queue;dur={step.queue_s * 1000:.3f}, {name}.infer;dur={step.infer_s * 1000:.3f}")
+        return ", ".join(entries)
 
 
 @dataclass
@@ -134,6 +142,13 @@ class ModelService:
                 self._observer.observe_decode(self.name, timing.decode_s)
         return await self._submit(crops, True, deadline, timing)
 
+    async def infer_crops(self, crops: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
+        """Images already decoded for this model's input (a pipeline decodes once per input size)."""
+        _check_deadline(deadline)
+        with self.batcher.admit():
+            pass
+        return await self._submit(crops, True, deadline, timing)
+
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         """The graph's own input, already shaped (N, ...) and typed; checked here, not by the runtime."""
         self.check_tensor(array)
@@ -175,8 +190,7 @@ class ModelService:
     # -- internals ------------------------------------------------------------------------------
 
     def _decode_all(self, images: Sequence[bytes], input_name: str | None) -> np.ndarray:
-        return np.stack([self.model.decode(data, max_pixels=self.max_pixels, input_name=input_name)
-                         for data in images])
+        return decode_all(self.model, images, self.max_pixels, input_name)
 
     async def _submit(self, array: np.ndarray, is_crop: bool, deadline: float | None,
                       timing: Timing) -> dict[str, np.ndarray]:
@@ -280,6 +294,10 @@ class ModelService:
         self.stats.last_inference_ms = int(time.time() * 1000)
         if self._observer is not None:
             self._observer.observe_batch(self.name, info)
+
+
+def decode_all(model: Model, images: Sequence[bytes], max_pixels: int, input_name: str | None) -> np.ndarray:
+    return np.stack([model.decode(data, max_pixels=max_pixels, input_name=input_name) for data in images])
 
 
 def _check_deadline(deadline: float | None) -> None:

@@ -63,7 +63,12 @@ class TorchRuntime:
         name = (image.name if image and image.name else "image")
         dtype = image.dtype if image else "float32"
         height, width = (image.height, image.width) if image else (224, 224)
-        shape = (-1, height, width, 3) if (image is None or image.layout == "NHWC") else (-1, 3, height, width)
+        if image is not None and image.kind == "tensor":
+            shape = (-1, image.size)
+        elif image is None or image.layout == "NHWC":
+            shape = (-1, height, width, 3)
+        else:
+            shape = (-1, 3, height, width)
         self.inputs = [TensorSpec(name, _DTYPES[dtype], shape)]
         self._output_names = list(bundle.outputs) if bundle is not None and bundle.outputs else \
             [bundle.output.name if bundle is not None and bundle.output.name else "output"]

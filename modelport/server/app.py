@@ -27,6 +27,8 @@ from modelport.server.http import ClientGone, error_response, internal_error, js
 from modelport.server.limits import BodyLimit
 from modelport.server.metrics import CONTENT_TYPE, Metrics
 from modelport.server.observe import Observe
+from modelport.pipeline.config import PipelineConfig
+from modelport.pipeline.service import PipelineService
 from modelport.registry import READY, Registry
 from modelport.reload import Reloader
 from modelport.service import ModelService
@@ -75,9 +77,13 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         async def load(name: str, path: Path) -> ModelService:
             return await _load_service(name, path, config, decode_pool, infer_pool, metrics)
 
+        def load_pipeline(name: str, pipeline: PipelineConfig) -> PipelineService:
+            return PipelineService(name, pipeline, registry, decode_pool=decode_pool, max_pixels=config.max_pixels,
+                                   max_images=config.max_images_per_request, observer=metrics)
+
         if repository is not None:
-            app.state.reloader = Reloader(repository, registry, load, settle_s=config.settle_s,
-                                          poll_s=config.poll_s, watch=watch)
+            app.state.reloader = Reloader(repository, registry, load, load_pipeline=load_pipeline,
+                                          settle_s=config.settle_s, poll_s=config.poll_s, watch=watch)
             loading = asyncio.get_running_loop().create_task(_run_reloader(app, app.state.reloader))
         else:
             app.state.reloader = None

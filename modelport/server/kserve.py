@@ -108,6 +108,8 @@ async def infer(request: Request) -> Response:
     response: dict[str, Any] = {"model_name": service.name, "model_version": str(service.version)}
     if request_id is not None:
         response["id"] = request_id
+    if timing.answered_by:  # a cascade: which step answered each image
+        response["parameters"] = {"answered_by": ",".join(timing.answered_by)}
     out_entries, chunks = [], []
     for out_name, k, binary in requested:
         value = outputs[out_name] if k is None else _classification(service, outputs[out_name], k)

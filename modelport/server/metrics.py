@@ -33,6 +33,9 @@ class Metrics:
         self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
         self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
                                  ["model", "version", "state"], registry=r)
+        self.pipeline_answers = Counter("modelport_pipeline_step_rows", "Images a pipeline step answered (a "
+                                        "cascade's: the step that gave the final answer).", ["pipeline", "step"],
+                                        registry=r)
         self._request_children: dict[tuple, tuple] = {}
         self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model", "version"],
                                  registry=r)
@@ -72,6 +75,10 @@ class Metrics:
                 self.queue_depth.remove(model, str(version))
             except KeyError:
                 pass
+
+    def observe_pipeline_step(self, pipeline: str, step: str, rows: int) -> None:
+        if rows:
+            self.pipeline_answers.labels(pipeline, step).inc(rows)
 
     def observe_decode(self, model: str, seconds: float) -> None:
         self.decode_duration.labels(model).observe(seconds)

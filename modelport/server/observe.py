@@ -40,7 +40,10 @@ class Observe:
                     extra += [(b"x-model-name", state["model"].encode()),
                               (b"x-model-version", str(state["version"]).encode())]
                 if "timing" in state:
-                    extra.append((b"server-timing", state["timing"].server_timing().encode()))
+                    timing = state["timing"]
+                    extra.append((b"server-timing", timing.server_timing().encode()))
+                    if timing.answered_by:  # a cascade: the step that answered, per image
+                        extra.append((b"x-modelport-answered-by", ",".join(timing.answered_by).encode()))
                 message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 

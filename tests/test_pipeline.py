@@ -1,0 +1,293 @@
+"""Pipelines (modelport/pipeline/): cascades, chains and ensembles served like one model, by a real server.
+
+The steps are real models: the default EfficientNet-Lite0 (the cheap step), a 1000-class ONNX
+graph at 260 px with ImageNet's labels (the "accurate" step: another input size, another answer),
+and a TorchScript head on Lite0's features (a chain across runtimes).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import make_tiny_bundle
+from modelport import Client, samples
+from modelport.bundle import write_config
+from modelport.errors import BundleError
+from modelport.model import Model
+from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
+from servers import Server, free_port, metric, wait_until
+
+CHEAP, ACCURATE, HEAD = "efficientnet-lite0", "accurate", "flowers-head"
+FLOWERS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def write_pipeline(repo: Path, name: str, text: str) -> Path:
+    directory = repo / name
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def make_head(directory: Path, seed: int = 3) -> object:
+    """A TorchScript classifier head: Lite0's 1280 features -> 5 flower probabilities."""
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.Linear(1280, len(FLOWERS)), torch.nn.Softmax(dim=1)).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(head), str(directory / "head.pt"))
+    (directory / "labels.txt").write_text("\n".join(FLOWERS) + "\n")
+    write_config(directory, {"format": 1, "runtime": "torch", "model_file": "head.pt", "outputs": ["probabilities"],
+                             "input": {"kind": "tensor", "size": 1280, "name": "features", "dtype": "float32"},
+                             "output": {"name": "probabilities", "kind": "probabilities"}})
+    return head
+
+
+@pytest.fixture(scope="module")
+def repo(default_bundle, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipelines")
+    shutil.copytree(default_bundle, repo / CHEAP / "1")
+    labels = (default_bundle / "labels.txt").read_text().splitlines()
+    make_tiny_bundle(repo / ACCURATE / "1", classes=1000, size=260, dtype="uint8", layout="NHWC", labels=labels,
+                     seed=5)
+    make_tiny_bundle(repo / "small" / "1", classes=4)  # other labels, another input
+    make_head(repo / HEAD / "1")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def models(repo):
+    return {name: Model.load(repo / name / "1", name=name) for name in (CHEAP, ACCURATE, HEAD)}
+
+
+@pytest.fixture(scope="module")
+def threshold(models, images) -> float:
+    """Between the cheap step's top-1 on a photo it is sure of and on an image it is not sure of."""
+    sure = _top1(models[CHEAP], images["espresso"].read_bytes())
+    unsure = _top1(models[CHEAP], _noise())
+    assert unsure + 0.1 < sure, (unsure, sure)  # the test needs one of each
+    return (sure + unsure) / 2
+
+
+@pytest.fixture(scope="module")
+def server(repo, threshold, tmp_path_factory):
+    write_pipeline(repo, "smart", f'kind = "cascade"\nsteps = ["{CHEAP}", "{ACCURATE}"]\n'
+                                  f'escalate_below = {threshold}\n')
+    write_pipeline(repo, "flowers", f'kind = "chain"\nsteps = ["{CHEAP}", "{HEAD}"]\nfeed = ["features"]\n')
+    write_pipeline(repo, "blend", f'kind = "ensemble"\nsteps = ["{CHEAP}", "{ACCURATE}"]\nweights = [1, 3]\n')
+    write_pipeline(repo, "nested", 'kind = "chain"\nsteps = ["smart"]\n')
+    write_pipeline(repo, "mixed-labels", f'kind = "cascade"\nsteps = ["{CHEAP}", "small"]\nescalate_below = 0.5\n')
+    write_pipeline(repo, "misfed", f'kind = "chain"\nsteps = ["{CHEAP}", "{HEAD}"]\nfeed = ["probabilities"]\n')
+    write_pipeline(repo, "missing-step", f'kind = "cascade"\nsteps = ["{CHEAP}", "nope"]\nescalate_below = 0.5\n')
+    log = tmp_path_factory.mktemp("pipeline-server") / "server.log"
+    server = Server(str(repo), log=log, zmq_port=free_port()).wait_ready()
+    yield server
+    server.stop()
+
+
+def _noise() -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _probabilities(model: Model, data: bytes) -> np.ndarray:
+    return model.predict(np.stack([model.decode(data)]))[0]
+
+
+def _top1(model: Model, data: bytes) -> float:
+    return float(_probabilities(model, data).max())
+
+
+def _rows(server, model: str) -> float:
+    return metric(server.url, "modelport_batch_size_sum", model=model)
+
+
+def _v2_images(server, model: str, images: list[bytes], **extra) -> httpx.Response:
+    body = {"inputs": [{"name": "image_bytes", "shape": [len(images)], "datatype": "BYTES",
+                        "data": [base64.b64encode(i).decode() for i in images]}], **extra}
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=30)
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+def test_a_confident_image_stops_at_the_cheap_step_and_an_unsure_one_goes_on(server, models, images):
+    sure, unsure = images["espresso"].read_bytes(), _noise()
+    before = {m: _rows(server, m) for m in (CHEAP, ACCURATE)}
+    response = _v2_images(server, "smart", [sure])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-modelport-answered-by"] == CHEAP
+    assert {m: _rows(server, m) - before[m] for m in (CHEAP, ACCURATE)} == {CHEAP: 1, ACCURATE: 0}
+    answer = np.array(response.json()["outputs"][0]["data"], np.float32)
+    assert np.allclose(answer, _probabilities(models[CHEAP], sure), atol=1e-6)
+
+    response = _v2_images(server, "smart", [unsure, sure])  # rows answered by different steps
+    assert response.json()["parameters"]["answered_by"] == f"{ACCURATE},{CHEAP}"
+    assert {m: _rows(server, m) - before[m] for m in (CHEAP, ACCURATE)} == {CHEAP: 3, ACCURATE: 1}
+    answer = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(2, 1000)
+    assert np.allclose(answer[0], _probabilities(models[ACCURATE], unsure), atol=1e-6)  # decoded at 260 px
+    assert np.allclose(answer[1], _probabilities(models[CHEAP], sure), atol=1e-6)
+    timing = response.headers["server-timing"]
+    assert f"{CHEAP}.infer" in timing and f"{ACCURATE}.infer" in timing
+    assert metric(server.url, "modelport_pipeline_step_rows_total", pipeline="smart", step=ACCURATE) >= 1
+
+
+def test_a_chain_onnx_to_torchscript_answers_like_the_two_run_by_hand(server, models, images):
+    data = images["cat"].read_bytes()
+    features = models[CHEAP].run_crops(np.stack([models[CHEAP].decode(data)]), ["features"])["features"]
+    by_hand = models[HEAD].run({"features": features}, ["probabilities"])["probabilities"][0]
+    response = _v2_images(server, "flowers", [data])
+    assert response.status_code == 200, response.text
+    answer = np.array(response.json()["outputs"][0]["data"], np.float32)
+    assert np.allclose(answer, by_hand, atol=1e-5)
+    top = httpx.post(server.url + "/?model=flowers&k=1", files={"data": data}).json()
+    assert top == [[FLOWERS[int(np.argmax(by_hand))], pytest.approx(float(by_hand.max()), abs=1e-5)]]
+    meta = httpx.get(server.url + "/v2/models/flowers").json()
+    assert meta["platform"] == "modelport_pipeline/chain"
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities"]
+
+
+def test_an_ensemble_answers_the_weighted_average(server, models, images):
+    data = images["cat"].read_bytes()
+    expected = 0.25 * _probabilities(models[CHEAP], data) + 0.75 * _probabilities(models[ACCURATE], data)
+    answer = np.array(_v2_images(server, "blend", [data]).json()["outputs"][0]["data"], np.float32)
+    assert np.allclose(answer, expected, atol=1e-6)
+
+
+def test_pipelines_answer_on_every_protocol_with_the_step_named(server, models, images):
+    sure = images["espresso"].read_bytes()
+    expected = _probabilities(models[CHEAP], sure)
+    best = int(np.argmax(expected))
+    upload = httpx.post(server.url + "/?model=smart", files={"data": sure})
+    assert upload.status_code == 200 and upload.headers["x-modelport-answered-by"] == CHEAP
+    assert upload.json()[0][0] == models[CHEAP].labels[best]
+    tf = httpx.post(server.url + "/v1/models/smart:predict",
+                    json={"instances": [{"b64": base64.b64encode(sure).decode()}]})
+    assert tf.status_code == 200 and tf.headers["x-modelport-answered-by"] == CHEAP
+    assert int(np.argmax(tf.json()["predictions"][0])) == best
+    with Client(server.zmq_url, model="smart") as over_zmq, Client(server.url, model="smart") as over_http:
+        assert over_zmq.classify(sure)[0].index == over_http.classify(sure)[0].index == best
+        assert np.allclose(over_zmq.infer("smart", [sure])["probabilities"][0], expected, atol=1e-6)
+    reply = _zmq_raw(server, {"op": "classify", "model": "smart", "images": [sure, _noise()]})
+    assert reply["ok"] and reply["answered_by"] == [CHEAP, ACCURATE]
+    nested = httpx.post(server.url + "/?model=nested", files={"data": sure})  # a pipeline of a pipeline
+    assert nested.status_code == 200 and nested.json()[0][0] == models[CHEAP].labels[best]
+    index = {m["name"]: m for m in httpx.get(server.url + "/v2/models/smart").json()["inputs"]}
+    assert set(index) == {"image", "image_bytes"}
+
+
+def _zmq_raw(server, request: dict) -> dict:
+    import msgpack
+    import zmq
+
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.RCVTIMEO, 20000)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(f"tcp://127.0.0.1:{server.zmq_port}")
+    try:
+        socket.send(msgpack.packb({"id": 1, **request}))
+        return msgpack.unpackb(socket.recv())
+    finally:
+        socket.close()
+        context.term()
+
+
+def test_bad_input_to_a_pipeline_is_a_clear_error(server):
+    response = httpx.post(server.url + "/?model=smart", files={"data": b"not an image"})
+    assert response.status_code == 400 and "cannot decode image" in response.json()["error"]
+    tensor = {"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "UINT8", "data": [0] * 150528}]}
+    response = httpx.post(server.url + "/v2/models/smart/infer", json=tensor)
+    assert response.status_code == 400 and "takes encoded images" in response.json()["error"]
+    response = _v2_images(server, "smart", [b"x"], outputs=[{"name": "features"}])
+    assert response.status_code == 400 and "has no output 'features'" in response.json()["error"]
+
+
+def test_broken_pipelines_fail_at_load_with_their_reason_and_the_models_serve_on(server):
+    reasons = {
+        "mixed-labels": "label sets differ: step 'efficientnet-lite0' has 1000 labels, step 'small' has 4",
+        "misfed": "feed[0]: output 'probabilities' of step 'efficientnet-lite0' is FP32 [-1, 1000], "
+                  "but step 'flowers-head' takes FP32 [-1, 1280]",
+        "missing-step": "step 'nope': unknown model 'nope'",
+    }
+    for name, reason in reasons.items():
+        response = httpx.get(f"{server.url}/v2/models/{name}")
+        assert response.status_code == 404, name
+        assert reason in response.json()["error"] and "pipeline.toml" in response.json()["error"], response.text
+    for model in (CHEAP, "small", HEAD):
+        assert httpx.get(f"{server.url}/v2/models/{model}/ready").status_code == 200
+
+
+def test_a_pipeline_hot_reloads(server, repo, images):
+    data = images["espresso"].read_bytes()
+    path = write_pipeline(repo, "live", f'kind = "cascade"\nsteps = ["{CHEAP}", "{ACCURATE}"]\nescalate_below = 0\n')
+
+    def answered_by():
+        response = httpx.post(server.url + "/?model=live", files={"data": data})
+        return response.headers.get("x-modelport-answered-by") if response.status_code == 200 else response.status_code
+
+    wait_until(lambda: answered_by() == CHEAP, 10, what="a new pipeline served")
+    path.write_text(f'kind = "cascade"\nsteps = ["{CHEAP}", "{ACCURATE}"]\nescalate_below = 1\n')  # always escalate
+    wait_until(lambda: answered_by() == ACCURATE, 10, what="an edited pipeline rebuilt")
+    path.write_text('kind = "cascade"\nsteps = []\n')
+    wait_until(lambda: answered_by() == 404, 10, what="a broken edit FAILED")
+    assert "steps must be a list of model names" in httpx.get(server.url + "/v2/models/live").json()["error"]
+    path.unlink()
+    path.parent.rmdir()
+    wait_until(lambda: httpx.get(server.url + "/v2/models/live").json().get("error", "").startswith("unknown model"),
+               10, what="a removed pipeline forgotten")
+
+
+# -- pipeline.toml, checked without a server --------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('kind = "funnel"\nsteps = ["a"]', "kind = 'funnel'; expected one of cascade, chain, ensemble"),
+    ('kind = "cascade"\nsteps = ["a", "b"]', "a cascade needs escalate_below"),
+    ('kind = "cascade"\nsteps = ["a", "b"]\nescalate_below = 1.5', "escalate_below must be a number from 0 to 1"),
+    ('kind = "cascade"\nsteps = ["a", "b", "c"]\nescalate_below = [0.5]', "or a list of 2 such numbers"),
+    ('kind = "cascade"\nsteps = ["a", "b"]\nescalate_below = 0.5\nconfidence = "vibes"', "confidence = 'vibes'"),
+    ('kind = "cascade"\nsteps = ["a", "a"]\nescalate_below = 0.5', "names the same step twice"),
+    ('kind = "chain"\nsteps = ["a", "b"]\nfeed = ["x", "y"]', "feed must list 1 output name(s)"),
+    ('kind = "chain"\nsteps = ["a", "b"]\nescalate_below = 0.5', "escalate_below applies to a cascade, not to a chain"),
+    ('kind = "ensemble"\nsteps = ["a", "b"]\nweights = [1]', "weights must be 2 non-negative numbers"),
+    ('kind = "ensemble"\nsteps = ["a", "../b"]', "invalid step model name '../b'"),
+    ('kind = "ensemble"\nsteps = ["a"]\nthreshold = 1', "unknown key 'threshold'"),
+    ('kind = "ensemble"\nsteps = "a"', "steps must be a list of model names"),
+    ('kind = "chain\nsteps = []', "not valid TOML"),
+])
+def test_each_mistake_in_pipeline_toml_is_named(tmp_path, text, message):
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    with pytest.raises(BundleError) as info:
+        read_pipeline(path)
+    assert message in info.value.message and str(path) in info.value.message
+
+
+def test_cycles_and_deep_nesting_are_refused(tmp_path):
+    configs = {}
+    for name, steps in {"a": ["b"], "b": ["c"], "c": ["a"]}.items():
+        configs[name] = read_pipeline(write_pipeline(tmp_path, name, f'kind = "chain"\nsteps = {json.dumps(steps)}'))
+    with pytest.raises(BundleError) as info:
+        check_graph("a", configs["a"], configs.get)
+    assert "steps form a cycle: a -> b -> c -> a" in info.value.message
+
+    names = [f"p{i}" for i in range(MAX_DEPTH + 2)]
+    deep = {n: read_pipeline(write_pipeline(tmp_path, n, f'kind = "chain"\nsteps = ["{nxt}"]'))
+            for n, nxt in zip(names, names[1:] + ["model"])}
+    check_graph(names[-MAX_DEPTH], deep[names[-MAX_DEPTH]], deep.get)  # exactly the limit: fine
+    with pytest.raises(BundleError) as info:
+        check_graph(names[0], deep[names[0]], deep.get)
+    assert f"nested deeper than {MAX_DEPTH} levels" in info.value.message
