@@ -32,3 +32,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def confidence(probabilities: np.ndarray, how: str = "top1") -> np.ndarray:
+    """Per row: the top-1 probability ("top1"), or its lead over the second ("margin")."""
+    if how == "top1" or probabilities.shape[1] < 2:
+        return probabilities.max(axis=1)
+    best_two = -np.partition(-probabilities, 1, axis=1)[:, :2]
+    return best_two[:, 0] - best_two[:, 1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -291,3 +293,75 @@ def test_cycles_and_deep_nesting_are_refused(tmp_path):
     with pytest.raises(BundleError) as info:
         check_graph(names[0], deep[names[0]], deep.get)
     assert f"nested deeper than {MAX_DEPTH} levels" in info.value.message
+
+
+# -- modelport pipeline evaluate --------------------------------------------------------------------
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelport", "pipeline", "evaluate", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_cascade(tmp_path_factory):
+    """Two 4-class models on real photos, and a folder of those photos in <class>/ folders."""
+    root = tmp_path_factory.mktemp("evaluate")
+    repo, photos = root / "repo", root / "photos"
+    make_tiny_bundle(repo / "cheap" / "1", seed=0, size=16)
+    make_tiny_bundle(repo / "sharp" / "1", seed=1, size=32)
+    write_pipeline(repo, "tiered", 'kind = "cascade"\nsteps = ["cheap", "sharp"]\nescalate_below = 0.5\n')
+    for i, data in enumerate(samples.photo_set(24, seed=3)):
+        folder = photos / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(data)
+    return repo, photos
+
+
+def test_evaluate_reports_numbers_a_replay_by_hand_agrees_with(tiny_cascade, tmp_path):
+    repo, photos = tiny_cascade
+    plot = tmp_path / "curve.png"
+    result = _evaluate(str(repo / "tiered"), str(photos), "--json", "--target", "0.2", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+    paths = sorted(photos.rglob("*.jpg"))
+    truth = np.array([int(p.parent.name.removeprefix("class")) for p in paths])
+    cheap, sharp = (Model.load(repo / n / "1", name=n) for n in ("cheap", "sharp"))
+    first, second = ([_probabilities(m, p.read_bytes()) for p in paths] for m in (cheap, sharp))
+    first, second = np.array(first), np.array(second)
+    assert report["measure"] == "accuracy" and report["images"] == 24
+    cost_cheap, cost_sharp = report["step_cost_ms"]
+    assert report["reference_cost_ms"] >= cost_sharp > 0  # alone, it decodes for itself
+    for row in report["rows"]:
+        escalate = first.max(axis=1) < row["threshold"]
+        answer = np.where(escalate, second.argmax(axis=1), first.argmax(axis=1))
+        assert row["escalated"] == pytest.approx(escalate.mean())
+        assert row["score"] == pytest.approx((answer == truth).mean())
+        assert row["cost_ms"] == pytest.approx(cost_cheap + escalate.mean() * cost_sharp)
+        assert row["relative_cost"] == pytest.approx(row["cost_ms"] / report["reference_cost_ms"])
+    meeting = [r for r in report["rows"] if r["score"] >= 0.2]
+    assert report["best"] == min(meeting, key=lambda r: (r["cost_ms"], -r["score"]))
+    assert report["reference_score"] == pytest.approx((second.argmax(axis=1) == truth).mean())
+    confidence, correct = first.max(axis=1), first.argmax(axis=1) == truth
+    ece = sum(abs(confidence[b].mean() - correct[b].mean()) * b.mean()
+              for b in (np.digitize(confidence, np.linspace(0, 1, 11)[1:-1], right=True) == k for k in range(10))
+              if b.any())
+    assert report["calibration_error"] == pytest.approx(ece)
+
+
+def test_evaluate_says_plainly_when_the_cascade_costs_more(tiny_cascade, tmp_path):
+    repo, photos = tiny_cascade
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(photos.rglob("*.jpg"))[:8]:
+        shutil.copy(path, flat / path.name)
+    # With the first step as the reference, full agreement comes at no escalation and at exactly the
+    # first step's own cost (measured once): never cheaper than "the accurate model alone".
+    result = _evaluate(str(repo / "tiered"), str(flat), "--reference", "cheap", "--target-agreement", "1.0")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "agreement with cheap" in text
+    assert "the cascade costs MORE than the accurate model alone" in text and "serve the accurate model alone" in text
+    bad = _evaluate(str(repo / "tiered"), str(photos / "class0"), "--reference", "nope")
+    assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,6 +5,7 @@
     escalate_below = 0.55                                   # cascade: one threshold, or one per step but the last
     confidence = "top1"                                     # cascade: "top1" probability, or "margin" (top-1 - top-2)
     feed = ["features"]                                     # chain: the output of each step that feeds the next
+                                                            #   (default: the step's primary output)
     weights = [0.5, 0.5]                                    # ensemble: optional, default equal
 
 Checks that need the steps themselves (label sets, shapes and dtypes along a chain) happen when
@@ -46,7 +47,7 @@ class PipelineConfig:
     steps: tuple[Step, ...]
     escalate_below: tuple[float, ...] = ()  # cascade: one per step but the last
     confidence: str = "top1"
-    feed: tuple[str | None, ...] = ()  # chain: one per step but the last; None = that step's first output
+    feed: tuple[str | None, ...] = ()  # chain: one per step but the last; None = that step's primary output
     weights: tuple[float, ...] = ()  # ensemble: one per step, summing to 1
 
 
@@ -125,9 +126,6 @@ def check_graph(name: str, config: PipelineConfig, pipeline_of: Callable[[str], 
 def _steps(path: Path, raw, kind: str) -> tuple[Step, ...]:
     if not isinstance(raw, list) or not raw:
         raise BundleError(f"{path}: steps must be a list of model names, got {untrusted.show(raw)}")
-    minimum = 1 if kind in ("chain", "cascade", "ensemble") else 2
-    if len(raw) < minimum:
-        raise BundleError(f"{path}: a {kind} needs at least {minimum} steps")
     steps = []
     for entry in raw:
         if not isinstance(entry, str):

@@ -21,7 +21,7 @@ import numpy as np
 
 from modelport.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, PayloadTooLarge, Unavailable
-from modelport.predictions import Prediction, top_k
+from modelport.predictions import Prediction, confidence, top_k
 from modelport.registry import Registry
 from modelport.runtime import TensorSpec
 from modelport.service import ModelService, Stats, Timing, _check_deadline, decode_all
@@ -214,7 +214,7 @@ class PipelineService:
             if i == len(services) - 1:  # the last step always answers
                 done = np.ones(len(remaining), bool)
             else:
-                done = _confidence(probabilities, self.config.confidence) >= self.config.escalate_below[i]
+                done = confidence(probabilities, self.config.confidence) >= self.config.escalate_below[i]
             answer[remaining[done]] = probabilities[done]
             for row in remaining[done]:
                 answered_by[row] = service.name
@@ -296,13 +296,6 @@ class _Images:
                 self._timing.decode_s += time.monotonic() - start
                 cache.update(zip(missing, decoded))
         return np.stack([cache[int(i)] for i in rows])
-
-
-def _confidence(probabilities: np.ndarray, how: str) -> np.ndarray:
-    if how == "top1" or probabilities.shape[1] < 2:
-        return probabilities.max(axis=1)
-    best_two = -np.partition(-probabilities, 1, axis=1)[:, :2]
-    return best_two[:, 0] - best_two[:, 1]
 
 
 def _check(config: PipelineConfig, services: Sequence) -> PipelineModel:
