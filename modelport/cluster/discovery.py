@@ -62,8 +62,14 @@ class Endpoint:
             self.ewma_s = self.ewma_s * weight + latency_s * (1 - weight)
         self.stamp = now
 
-    def cost(self, default_s: float) -> float:
-        return (self.ewma_s or default_s) * (self.in_flight + 1 + 0.5 * self.member.total_load)
+    def cost(self, default_s: float, tau_s: float, now: float) -> float:
+        # A worker that looked slow and is no longer chosen gets no new samples to correct it: its
+        # estimate decays towards the typical latency while it waits (Finagle's peak EWMA decays
+        # on read the same way), so it is tried again instead of starved for good.
+        ewma = self.ewma_s or default_s
+        if ewma > default_s:
+            ewma = default_s + (ewma - default_s) * math.exp(-(now - self.stamp) / tau_s)
+        return ewma * (self.in_flight + 1 + 0.5 * self.member.total_load)
 
 
 class RetryBudget:
@@ -194,7 +200,8 @@ class Discovery:
         fresh = [m for m in members if m.id not in tried] or members
         pair = random.sample(fresh, 2) if len(fresh) > 1 else fresh
         default = self._quantile()[0]
-        return min((self._endpoint(m) for m in pair), key=lambda e: e.cost(default))
+        now = time.monotonic()
+        return min((self._endpoint(m) for m in pair), key=lambda e: e.cost(default, self.tau_s, now))
 
     def _any_left(self, model: str, version, tried: set[str]) -> bool:
         try:
