@@ -107,8 +107,10 @@ def classify(images: tuple[Path, ...], model_ref: str | None, top_k: int | None,
 @click.option("--min-per-class", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--confusion-png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the validation confusion matrix into this PNG.")
+@click.option("--int8", is_flag=True, help="Also quantize the new version (modelport optimize: calibrated on the "
+                                           "training images, checked on the validation images) into the next one.")
 def retrain(data: Path, name: str, output: Path, backbone: str | None, val_fraction: float, seed: int,
-            min_per_class: int, confusion_png: Path | None) -> None:
+            min_per_class: int, confusion_png: Path | None, int8: bool) -> None:
     """Fine-tune the backbone on DATA (one sub-directory of images per class) into a new bundle version."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -143,6 +145,17 @@ def retrain(data: Path, name: str, output: Path, backbone: str | None, val_fract
         draw(result.report, confusion_png)
         console.print(f"confusion matrix drawn to {confusion_png}")
     click.echo(result.bundle)
+    if int8:
+        from modelport.optimize.int8 import optimize as run
+        from modelport.retrain import dataset
+
+        split = dataset.scan(data, val_fraction=val_fraction, seed=seed, min_per_class=min_per_class)
+        readable = result.extraction.features  # what retrain could decode; the rest was skipped
+        train = [e for e in split.train if e.path in readable]
+        val = [e for e in split.val if e.path in readable]
+        _optimize_and_report(lambda progress: run(result.bundle, [e.path.read_bytes() for e in train],
+                                                  [e.path.read_bytes() for e in val],
+                                                  labels=[e.label for e in val], progress=progress))
 
 
 @main.command()
@@ -161,15 +174,41 @@ def samples(directory: Path) -> None:
               help="Export to ONNX (ONNX Runtime) or to TorchScript (the PyTorch runtime).")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Repository to write NAME/<next version> into. Default: $MODELPORT_HOME/models.")
-def build_model(name: str, runtime: str, output: Path | None) -> None:
+@click.option("--int8", is_flag=True, help="Quantize it (modelport optimize, calibrated and checked on the sample "
+                                           "photos) into its own model, NAME-int8.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True,
+              help="With --int8: as for modelport optimize.")
+@click.option("--min-top5", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="With --int8: as for modelport optimize.")
+def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_agreement: float,
+                min_top5: float) -> None:
     """Build a packaged model (EfficientNet-Lite0/1/2, ImageNet) into a repository as a new version."""
+    import tempfile
+
     from modelport import default_model, repository
     from modelport.packaged import build
 
     root = output or default_model.model_home() / "models"
-    existing = [int(p.name) for p in repository.versions(root / name)]
-    target = root / name / str(max(existing, default=0) + 1)
-    click.echo(build(name, target, runtime=runtime))
+    if not int8:
+        existing = [int(p.name) for p in repository.versions(root / name)]
+        click.echo(build(name, root / name / str(max(existing, default=0) + 1), runtime=runtime))
+        return
+    if runtime != "onnx":
+        raise click.UsageError("--int8 quantizes ONNX models: use it with --runtime onnx")
+    from modelport import samples
+    from modelport.optimize.int8 import optimize as run
+
+    target_model = root / f"{name}-int8"
+    existing = [int(p.name) for p in repository.versions(target_model)]
+    target = target_model / str(max(existing, default=0) + 1)
+    with tempfile.TemporaryDirectory(prefix="modelport-build-") as tmp:
+        fp32 = build(name, Path(tmp) / name / "1", runtime="onnx")
+        # Photos of ImageNet objects: calibration and a disjoint evaluation set.
+        calibration = samples.photo_set(64, seed=101, objects=True)
+        evaluation = samples.photo_set(128, seed=102, objects=True)  # one miss in 128 is under 1 %
+        _optimize_and_report(lambda progress: run(fp32, calibration, evaluation, target_dir=target,
+                                                  min_agreement=min_agreement, min_top5=min_top5,
+                                                  progress=progress))
 
 
 @main.command("build-default")
@@ -439,6 +478,100 @@ def cluster_ls(cluster, as_json: bool) -> None:
         click.echo(f"skipped {key}: {why}", err=True)
 
 
+@main.command()
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--calibration", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="Images like the ones the model will see (100-500; flat, or in <class>/ folders).")
+@click.option("--eval", "eval_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Held-out images for the report; <class>/ folders named after the labels add accuracy. "
+                   "Default: the last third of the calibration images.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True,
+              help="Top-1 agreement with fp32 needed on images fp32 is confident about (top-1 >= 0.5).")
+@click.option("--min-top5", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Share of INT8 top-1 answers that must be inside fp32's top 5.")
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weights instead of per-channel (to compare recipes).")
+@click.option("--calibration-method", type=click.Choice(["percentile", "minmax", "entropy"]), default="percentile",
+              show_default=True)
+@click.option("--max-fp32-layers", type=click.IntRange(min=0), default=8, show_default=True,
+              help="At most this many of the most sensitive layers are kept in fp32.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def optimize(model_ref: str, calibration: Path, eval_dir: Path | None, min_agreement: float, min_top5: float,
+             per_tensor: bool, calibration_method: str, max_fp32_layers: int, as_json: bool) -> None:
+    """Quantize MODEL to INT8 into its next version, with an accuracy report; refuse if answers are lost.
+
+    MODEL is a model directory (its highest version is the source) or a version directory. Exit
+    status 1 and nothing written when the INT8 model misses --min-agreement or --min-top5.
+    """
+    from modelport import repository
+    from modelport.folders import find_images, truth_from_labels
+    from modelport.optimize.int8 import CANDIDATE_FP32_LAYERS, optimize as run
+    from modelport.optimize.quantize import Recipe
+
+    source = repository.resolve(model_ref)
+    calibration_paths, _ = find_images(calibration)
+    evaluation, truth = None, None
+    if eval_dir is not None:
+        eval_paths, labels = find_images(eval_dir)
+        evaluation = [p.read_bytes() for p in eval_paths]
+        if labels is not None:
+            from modelport.bundle import load_bundle
+
+            truth = truth_from_labels(labels, load_bundle(source).labels)
+    recipe = Recipe(per_channel=not per_tensor, calibration=calibration_method)
+    candidates = [k for k in CANDIDATE_FP32_LAYERS if k <= max_fp32_layers]
+    _optimize_and_report(lambda progress: run(
+        source, [p.read_bytes() for p in calibration_paths], evaluation, labels=truth, recipe=recipe,
+        min_agreement=min_agreement, min_top5=min_top5, candidates=candidates, progress=progress), as_json)
+
+
+def _optimize_and_report(run, as_json: bool = False) -> Path:
+    from rich.console import Console
+
+    from modelport.optimize.int8 import Refused
+
+    console = Console(stderr=True)
+    try:
+        published, report = run(lambda message: console.print(f"[dim]{message}[/dim]"))
+    except Refused as exc:
+        if as_json:
+            click.echo(json.dumps(exc.report.as_dict()))
+        console.print(f"[bold red]{exc.message}[/bold red]")
+        raise SystemExit(1)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(published), **report.as_dict()}))
+        return published
+    _print_report(report, Console())
+    click.echo(published)
+    return published
+
+
+def _print_report(report, console) -> None:
+    from rich.table import Table
+
+    a = report.agreement
+    table = Table(title=f"INT8 against fp32 on {a.images} held-out images", show_header=False)
+    rows = [("recipe", report.recipe),
+            ("layers kept in fp32", ", ".join(report.fp32_layers) or "none"),
+            ("top-1 agreement, all images", f"{a.top1:.1%}"),
+            (f"  on images fp32 is confident about ({a.confident_images})",
+             "n/a" if a.top1_confident is None else f"{a.top1_confident:.1%}"),
+            (f"  on images with a clear top-1 ({a.clear_images})", "n/a" if a.top1_clear is None else f"{a.top1_clear:.1%}"),
+            ("INT8 top-1 inside fp32's top 5", f"{a.in_top5:.1%}"),
+            ("top-5 overlap", f"{a.top5_overlap:.1%}"),
+            ("yardstick: fp32 keeps its own answer after a JPEG q90 re-encode",
+             "n/a" if a.jpeg_yardstick is None else f"{a.jpeg_yardstick:.1%}")]
+    if a.accuracy_fp32 is not None:
+        rows.append(("accuracy fp32 -> INT8", f"{a.accuracy_fp32:.1%} -> {a.accuracy_int8:.1%}"))
+    rows += [(f"speed at batch {s.batch}", f"{s.ratio:.2f} x fp32 ({s.int8_per_s:.0f} vs {s.fp32_per_s:.0f} img/s)")
+             for s in report.speed]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if a.confident_images < 50:
+        console.print(f"[yellow]Only {a.confident_images} evaluation images are ones fp32 is confident about: the "
+                      f"agreement figures are rough. Give --eval more images of the model's classes.[/yellow]")
+
+
 @main.group()
 def pipeline() -> None:
     """Work with pipelines (cascade, chain, ensemble) in a model repository."""
@@ -463,6 +596,7 @@ def pipeline_evaluate(pipeline_dir: Path, images: Path, reference: str | None, t
     repository. IMAGES with <class>/ folders named after the model's labels give accuracy;
     otherwise agreement with --reference.
     """
+    from modelport.folders import find_images
     from modelport.pipeline import evaluate as ev
     from modelport.pipeline.config import PIPELINE_FILE, read_pipeline
 
@@ -473,7 +607,7 @@ def pipeline_evaluate(pipeline_dir: Path, images: Path, reference: str | None, t
     if reference is not None:
         local = root / reference
         reference_model = load_model(str(local if local.is_dir() else reference), quiet=True)
-    paths, labels = ev.find_images(images)
+    paths, labels = find_images(images)
     with _status(f"Running {len(config.steps)} step(s) over {len(paths)} images..."):
         report = ev.evaluate(config, steps, reference_model, [p.read_bytes() for p in paths], labels, target=target)
     if plot_path is not None:

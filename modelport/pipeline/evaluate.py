@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from modelport.errors import BadInput, NotFound
+from modelport.errors import BadInput
+from modelport.folders import truth_from_labels
 from modelport.model import Model
 from modelport.pipeline.config import PipelineConfig
 from modelport.predictions import confidence
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BATCH = 8
 
 
@@ -49,26 +49,6 @@ class Report:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def find_images(folder: Path) -> tuple[list[Path], list[str] | None]:
-    """Images under ``folder``; with ``<class>/`` subfolders, each image's class too."""
-    if not folder.is_dir():
-        raise NotFound(f"{folder}: not a directory of images")
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes:
-        paths, labels = [], []
-        for directory in classes:
-            for path in sorted(directory.rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(path)
-                    labels.append(directory.name)
-        found = (paths, labels)
-    else:
-        found = (sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), None)
-    if not found[0]:
-        raise NotFound(f"{folder}: no images (.jpg, .png, ...) here or in class folders")
-    return found
 
 
 @dataclass
@@ -150,19 +130,6 @@ def calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 
         if inside.any():
             error += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
     return float(error)
-
-
-def truth_from_labels(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
-    """Folder names -> class indices of the model (case and ' '/'_' insensitive)."""
-    def key(text: str) -> str:
-        return text.lower().replace("_", " ").strip()
-
-    index = {key(label): i for i, label in enumerate(class_names)}
-    unknown = sorted({name for name in labels if key(name) not in index})
-    if unknown:
-        raise BadInput(f"class folder(s) {', '.join(map(repr, unknown[:5]))} name no label of the model; "
-                       f"name folders after its labels, or drop the folders and pass --reference")
-    return np.array([index[key(name)] for name in labels])
 
 
 def evaluate(config: PipelineConfig, steps: list[Model], reference: Model | None, images: list[bytes],

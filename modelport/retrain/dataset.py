@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from modelport.errors import BadInput
+from modelport.folders import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import math
 import struct
 from typing import Any
@@ -63,8 +64,15 @@ async def model_metadata(request: Request) -> Response:
         "platform": model.platform,
         "inputs": inputs,
         "outputs": [_tensor_meta(o) for o in model.runtime.outputs],
-        "parameters": {"labels": len(model.labels), "max_batch_size": service.serving.max_batch_size},
+        "parameters": {"labels": len(model.labels), "max_batch_size": service.serving.max_batch_size,
+                       **({"metadata": _plain(bundle.metadata)} if (bundle := getattr(model, "bundle", None))
+                          and bundle.metadata else {})},
     })
+
+
+def _plain(metadata: dict) -> dict:
+    """A bundle's [metadata] as JSON can carry it (TOML dates become strings)."""
+    return json.loads(json.dumps(metadata, default=str))
 
 
 async def model_stats(request: Request) -> Response:

@@ -1,0 +1,197 @@
+"""``modelport optimize``: an ONNX bundle -> its INT8 version, published only if it keeps the answers.
+
+Steps: decode the calibration and evaluation images once (the model's own preprocessing) ->
+pre-process the graph -> quantize everything and measure each layer's sensitivity -> try
+candidates that keep the most sensitive layers in fp32 (fewest first: every fp32 layer costs
+speed) until one passes the gate on the evaluation images -> measure speed interleaved -> write
+the new version into the model directory (a hidden directory renamed into place, so a watching
+server loads it complete) with its report, or write nothing and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from modelport import imaging, repository
+from modelport.bundle import CONFIG_FILE, load_bundle
+from modelport.errors import BadInput, BundleError
+from modelport.model import Model
+from modelport.optimize import quantize as q
+from modelport.optimize import report as r
+
+logger = logging.getLogger("modelport.optimize")
+
+REPORT_FILE = "optimize-report.json"
+CANDIDATE_FP32_LAYERS = (0, 1, 2, 4, 8)  # most sensitive weighted layers kept in fp32, tried in order
+MAX_CALIBRATION = 128
+SENSITIVITY_IMAGES = 8
+
+
+class Refused(BundleError):
+    """The INT8 model missed the thresholds: nothing was written."""
+
+    def __init__(self, message: str, report: r.Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[bytes] | None = None, *,
+             labels: Sequence[int] | None = None, target_dir: Path | None = None, recipe: q.Recipe = q.Recipe(),
+             min_agreement: float = 0.995, min_top5: float = 0.99,
+             candidates: Sequence[int] = CANDIDATE_FP32_LAYERS,
+             progress: Callable[[str], None] = lambda message: None) -> tuple[Path, r.Report]:
+    """Quantize the bundle at ``source`` (a version directory). Returns (new version dir, report);
+    raises ``Refused`` (nothing written) when no candidate passes.
+
+    ``evaluation``: held-out images; None splits the calibration images (two thirds calibrate).
+    ``labels``: class indices of the evaluation images, for accuracy.
+    """
+    bundle = load_bundle(source)
+    if bundle.runtime != "onnx":
+        raise BadInput(f"{source}: modelport optimize quantizes ONNX models; this bundle's runtime is "
+                       f"{bundle.runtime!r}")
+    if len(calibration) < 8:
+        raise BadInput(f"{len(calibration)} calibration images: give at least 8 (100-500 is typical)")
+    if evaluation is None:
+        cut = max(4, len(calibration) * 2 // 3)
+        calibration, evaluation = calibration[:cut], calibration[cut:]
+    if not evaluation:
+        raise BadInput("no evaluation images: pass --eval, or more calibration images to split")
+    fp32 = Model(bundle)
+    progress(f"decoding {len(calibration)} calibration and {len(evaluation)} evaluation images")
+    calibration_crops = _crops(fp32, calibration[:MAX_CALIBRATION])
+    evaluation_crops = _crops(fp32, evaluation)
+    reencoded_crops = _crops(fp32, [r.reencode(data) for data in evaluation])
+    calibration_inputs = imaging.to_model_input(calibration_crops, bundle.input)
+    input_name = fp32.input.name
+    fp32_probabilities = _predict(fp32, evaluation_crops)
+    reencoded = _predict(fp32, reencoded_crops)
+    truth = np.asarray(labels) if labels is not None else None
+
+    with tempfile.TemporaryDirectory(prefix="modelport-optimize-") as tmp:
+        tmp = Path(tmp)
+        prepared = q.prepare(bundle.model_file, tmp / "prepared.onnx")
+        progress("quantizing every layer but the classifier head, then measuring each layer's sensitivity")
+        head = q.output_head(prepared, fp32.output.name)
+        whole = q.quantize(prepared, tmp / "int8-0.onnx", input_name, calibration_inputs, recipe=recipe,
+                           exclude=head)
+        ranked = [(name, loss) for name, loss in
+                  q.sensitivity(prepared, whole, input_name, calibration_inputs[:SENSITIVITY_IMAGES])
+                  if name not in head]
+        tried, chosen = [], None
+        for keep in candidates:
+            names = [name for name, _ in ranked[:keep]]
+            path = whole if keep == 0 else q.quantize(prepared, tmp / f"int8-{keep}.onnx", input_name,
+                                                      calibration_inputs, recipe=recipe,
+                                                      exclude=head + q.with_followers(prepared, names))
+            int8 = _bundle_model(bundle, path, tmp / f"bundle-{keep}")
+            result = r.agreement(fp32_probabilities, _predict(int8, evaluation_crops), reencoded=reencoded,
+                                 truth=truth)
+            reasons = r.gate(result, min_agreement=min_agreement, min_top5=min_top5)
+            names = head + names
+            tried.append({"fp32_layers": names, "agreement": result.__dict__, "passed": not reasons,
+                          "reasons": reasons})
+            progress(f"classifier head and {keep} layer(s) kept in fp32: confident top-1 agreement "
+                     f"{_percent(result.top1_confident)}, INT8 top-1 in fp32 top-5 {result.in_top5:.1%}"
+                     + ("" if not reasons else " - not enough"))
+            if not reasons:
+                chosen = (keep, names, path, int8, result)
+                break
+            int8.close()
+        if chosen is None:
+            last = tried[-1]
+            report = r.Report(recipe.describe(), last["fp32_layers"], r.Agreement(**last["agreement"]), [], False,
+                              last["reasons"], tried)
+            raise Refused(f"INT8 model not published: {'; '.join(last['reasons'])} (even with "
+                          f"{len(last['fp32_layers'])} layers kept in fp32); nothing was written", report)
+        keep, names, path, int8, result = chosen
+        progress("measuring speed, fp32 and INT8 interleaved")
+        batches = sorted({1, min(bundle.serving.max_batch_size, 8)})
+        speeds = [r.speed(fp32.run_crops, int8.run_crops, evaluation_crops, batch) for batch in batches]
+        report = r.Report(recipe.describe(), names, result, speeds, True, [], tried)
+        int8.close()
+        fp32.close()
+        published = _publish(bundle, path, report, target_dir or _next_version(source))
+    return published, report
+
+
+def _crops(model: Model, images: Sequence[bytes]) -> np.ndarray:
+    return np.stack([model.decode(data) for data in images])
+
+
+def _predict(model: Model, crops: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([model.probabilities(model.run_crops(crops[i:i + batch], [model.output.name])
+                                               [model.output.name]) for i in range(0, len(crops), batch)])
+
+
+def _bundle_model(bundle, model_file: Path, directory: Path) -> Model:
+    """The quantized graph loaded the way the server will load it: as a bundle."""
+    directory.mkdir()
+    shutil.copy(model_file, directory / bundle.model_file.name)
+    _copy_bundle_files(bundle, directory)
+    return Model.load(directory, name=bundle.name)
+
+
+def _copy_bundle_files(bundle, directory: Path) -> None:
+    for path in bundle.path.iterdir():
+        if path.is_file() and path != bundle.model_file and path.name != REPORT_FILE:
+            shutil.copy(path, directory / path.name)
+
+
+def _next_version(source: Path) -> Path:
+    model_dir = source.parent
+    numbers = [int(p.name) for p in repository.versions(model_dir)]
+    return model_dir / str(max(numbers, default=0) + 1)
+
+
+def _publish(bundle, model_file: Path, report: r.Report, target: Path) -> Path:
+    """Write the new version under a hidden name, then rename it into place: complete when seen."""
+    if target.exists():
+        raise BadInput(f"{target} exists already; versions are immutable")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.optimizing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shutil.copy(model_file, staging / bundle.model_file.name)
+        _copy_bundle_files(bundle, staging)
+        _add_metadata(staging / CONFIG_FILE, bundle, report)
+        (staging / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _add_metadata(config: Path, bundle, report: r.Report) -> None:
+    """The report's headline figures in ``[metadata]`` (shown in V2 model metadata)."""
+    import tomllib
+
+    from modelport.bundle import write_config
+
+    raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    raw.pop("version", None)  # the directory names the version
+    metadata = dict(raw.get("metadata", {}))
+    a = report.agreement
+    metadata.update({
+        "precision": "int8", "optimized_from": str(bundle.version), "recipe": report.recipe,
+        "fp32_layers": len(report.fp32_layers), "agreement_top1": round(a.top1, 4),
+        "agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
+        "int8_top1_in_fp32_top5": round(a.in_top5, 4),
+        **{f"speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
+    })
+    raw["metadata"] = metadata
+    write_config(config.parent, raw)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
