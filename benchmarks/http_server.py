@@ -65,8 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=600, help="requests per concurrency level")
     parser.add_argument("--server-args", default="", help="extra `modelport serve` options, e.g. '--max-delay-ms 0'")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serve this bundle (an INT8 one, say) instead of the default model; L stays the naive "
+                             "fp32 limit of the default model, and labels are checked against this model's own")
     args = parser.parse_args()
     bundle = default_model.ensure_default_model()
+    served = args.model or bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -78,7 +82,7 @@ def main() -> None:
         limit, _ = naive.throughput([datas[i % len(datas)] for i in range(400)])
         limit_lat = naive.latency_s(datas)
         ceiling = naive.ort_ceiling([datas[i % len(datas)] for i in range(400)])
-        expected = [preds[0].label for preds in Model.load(bundle).classify(datas, 1)]
+        expected = [preds[0].label for preds in Model.load(served).classify(datas, 1)]
 
         requests = []
         for data, label in zip(datas, expected):
@@ -87,7 +91,8 @@ def main() -> None:
             requests.append((raw, lambda b, label=label: json.loads(b)[0][0] == label))
 
         port = free_port()
-        proc, ready_s = start_server(args.server_args.split(), port, tmp / "server.log")
+        proc, ready_s = start_server(([str(served)] if args.model else []) + args.server_args.split(), port,
+                                     tmp / "server.log")
         loadgen.run(port, requests, concurrency=4, count=48)  # warm every thread and connection path
         results = {c: loadgen.run(port, requests, concurrency=c, count=args.count) for c in (1, 8, 32)}
         rss = peak_rss_mb(proc.pid)
@@ -118,6 +123,7 @@ def main() -> None:
         tiny_proc.terminate()
         tiny_proc.wait(timeout=60)
 
+    print(f"served: {served}")
     print(f"machine: {os.cpu_count()} cores; {len(datas)} distinct JPEGs (200-640 px), {args.count} requests per level,")
     print("article upload API (multipart), every response's top-1 label checked")
     print(f"L (naive limit, batch 8)     {limit:7.1f} img/s (mean of {limit_before:.1f} before and "
