@@ -80,9 +80,35 @@ def p99(values: list[float]) -> float:
     return ordered[int(0.99 * (len(ordered) - 1))]
 
 
+def slow_worker_scenario(work: Path, url: str, seconds: float, start_worker, all_registered) -> None:
+    """One worker of 2 whose model takes 10 x longer (200 ms), under enough load (8 in flight) that
+    the fast one cannot take everything: power of two choices must send some requests to the slow
+    one, and those make the tail that hedging (at the observed p95) can cut."""
+    fixed_cost_bundle(work / "slow-repo" / "fixed" / "1", seconds=0.2)
+    fast = start_worker()
+    all_registered()
+    slow = Server(str(work / "slow-repo"), "--cluster", url, "--log-level", "warning", log=work / "slow.log",
+                  zmq_port=free_port()).wait_ready()
+    try:
+        wait_until(lambda: worker_id(slow.port) in registry(url)[0], 30, what="slow worker registered")
+        for in_flight in (2, 4, 8):
+            _, plain, _ = asyncio.run(closed_loop(url, in_flight, seconds * 2))
+            for hedge in ("p95", 50):
+                _, hedged, client = asyncio.run(closed_loop(url, in_flight, seconds * 2, hedge_after_ms=hedge))
+                extra = client.discovery.stats["hedges"] / client.discovery.stats["requests"]
+                print(f"one worker of 2 ten times slower (200 ms), {in_flight} in flight: p99 "
+                      f"{p99(hedged) * 1000:.1f} ms with hedging ({hedge}) / {p99(plain) * 1000:.1f} ms without = "
+                      f"{p99(hedged) / p99(plain):.2f} (target <= 0.5); extra requests {extra:.1%} (target <= 10 %); "
+                      f"hedges won {client.discovery.stats['hedges_won']}", flush=True)
+    finally:
+        slow.stop()
+        del fast
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5, help="per throughput level")
+    parser.add_argument("--only-slow-worker", action="store_true", help="run only the slow-worker hedging scenario")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="discoverybench"))
     (work / "etcd").mkdir()
@@ -105,6 +131,13 @@ def main() -> None:
         wait_until(lambda: set(registry(url)[0]) == {worker_id(w.port) for w in workers if w.proc.poll() is None},
                    30, what="registered")
 
+    if args.only_slow_worker:
+        try:
+            slow_worker_scenario(work, url, args.seconds, start_worker, all_registered)
+        finally:
+            stop_all(workers)
+            etcd.stop()
+        return
     balancer = BalancerProcess(url, work / "balancer.log")
     try:
         # -- throughput: discovery client against HAProxy, same workers ---------------------------------

@@ -204,7 +204,7 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
     with tempfile.TemporaryDirectory(prefix="modelport-build-") as tmp:
         fp32 = build(name, Path(tmp) / name / "1", runtime="onnx")
         # Photos of ImageNet objects: calibration and a disjoint evaluation set.
-        calibration = samples.photo_set(64, seed=101, objects=True)
+        calibration = samples.photo_set(48, seed=101, objects=True)
         evaluation = samples.photo_set(128, seed=102, objects=True)  # one miss in 128 is under 1 %
         _optimize_and_report(lambda progress: run(fp32, calibration, evaluation, target_dir=target,
                                                   min_agreement=min_agreement, min_top5=min_top5,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import socket
@@ -164,3 +166,20 @@ def wait_until(predicate, timeout_s: float = 15, every_s: float = 0.02, what: st
             raise TimeoutError(f"{what} not met within {timeout_s} s")
         time.sleep(every_s)
     return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def raw_dealer(port: int, timeout_ms: int = 5000):
+    """A bare DEALER socket, for frames no client would send (and replies no client shows)."""
+    import zmq
+
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield raw
+    finally:
+        raw.close()
+        context.term()

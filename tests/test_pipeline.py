@@ -24,7 +24,7 @@ from modelport.bundle import write_config
 from modelport.errors import BundleError
 from modelport.model import Model
 from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
-from servers import Server, free_port, metric, wait_until
+from servers import Server, free_port, metric, raw_dealer, wait_until
 
 CHEAP, ACCURATE, HEAD = "efficientnet-lite0", "accurate", "flowers-head"
 FLOWERS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -193,19 +193,10 @@ def test_pipelines_answer_on_every_protocol_with_the_step_named(server, models, 
 
 def _zmq_raw(server, request: dict) -> dict:
     import msgpack
-    import zmq
 
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.RCVTIMEO, 20000)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(f"tcp://127.0.0.1:{server.zmq_port}")
-    try:
-        socket.send(msgpack.packb({"id": 1, **request}))
-        return msgpack.unpackb(socket.recv())
-    finally:
-        socket.close()
-        context.term()
+    with raw_dealer(server.zmq_port, timeout_ms=20000) as raw:
+        raw.send(msgpack.packb({"id": 1, **request}))
+        return msgpack.unpackb(raw.recv())
 
 
 def test_bad_input_to_a_pipeline_is_a_clear_error(server):

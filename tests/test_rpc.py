@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from conftest import make_tiny_bundle, tiny_onnx
 from modelport import AsyncClient, Client, samples
 from modelport.client import ClientTimeout
 from modelport.errors import BadInput, NotFound, Overloaded
-from servers import Gate, Server, free_port, make_gate_bundle
+from servers import Gate, Server, free_port, make_gate_bundle, raw_dealer
 
 MODEL = "efficientnet-lite0"
 
@@ -94,21 +93,6 @@ def tiny_server(tmp_path):
                     zmq_port=free_port()).wait_ready()
     yield server, tiny_onnx(tmp_path / "w.onnx")
     server.stop()
-
-
-@contextlib.contextmanager
-def raw_dealer(port: int):
-    """A bare DEALER socket, for frames no client would send."""
-    context = zmq.Context()
-    raw = context.socket(zmq.DEALER)
-    raw.setsockopt(zmq.RCVTIMEO, 5000)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        yield raw
-    finally:
-        raw.close()
-        context.term()
 
 
 def expected_logits(tensor: np.ndarray, weights: np.ndarray) -> np.ndarray:

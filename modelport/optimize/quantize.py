@@ -83,7 +83,7 @@ class _Feeds:
 
 def prepare(model_file: Path, target: Path) -> Path:
     """ONNX Runtime's pre-processing: shape inference and graph optimisation before quantizing."""
-    quantization = _quantization()
+    _quantization()  # a clear message if the tools are missing
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(model_file), str(target), skip_symbolic_shape=True)

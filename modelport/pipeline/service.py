@@ -24,7 +24,7 @@ from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Pa
 from modelport.predictions import Prediction, confidence, top_k
 from modelport.registry import Registry
 from modelport.runtime import TensorSpec
-from modelport.service import ModelService, Stats, Timing, _check_deadline, decode_all
+from modelport.service import Stats, Timing, _check_deadline, decode_all
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")
