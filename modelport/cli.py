@@ -195,18 +195,14 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
         return
     if runtime != "onnx":
         raise click.UsageError("--int8 quantizes ONNX models: use it with --runtime onnx")
-    from modelport import samples
-    from modelport.optimize.int8 import optimize as run
+    from modelport.optimize.int8 import optimize as run, sample_calibration, sample_evaluation
 
     target_model = root / f"{name}-int8"
     existing = [int(p.name) for p in repository.versions(target_model)]
     target = target_model / str(max(existing, default=0) + 1)
     with tempfile.TemporaryDirectory(prefix="modelport-build-") as tmp:
         fp32 = build(name, Path(tmp) / name / "1", runtime="onnx")
-        # Photos of ImageNet objects: calibration and a disjoint evaluation set.
-        calibration = samples.photo_set(48, seed=101, objects=True)
-        evaluation = samples.photo_set(128, seed=102, objects=True)  # one miss in 128 is under 1 %
-        _optimize_and_report(lambda progress: run(fp32, calibration, evaluation, target_dir=target,
+        _optimize_and_report(lambda progress: run(fp32, sample_calibration(), sample_evaluation(), target_dir=target,
                                                   min_agreement=min_agreement, min_top5=min_top5,
                                                   progress=progress))
 
@@ -653,7 +649,8 @@ def bench(url: str, images_dir: Path, model: str, protocol: str | None, rate: st
                       errors, str(s.wrong),
                       f"{s.server['mean_batch_size']:.2f}" if s.server else "-",
                       f"{s.server['mean_queue_ms']:.1f}" if s.server else "-")
-    Console(stderr=str(json_path) == "-").print(table)  # stdout stays the JSON's when it goes there
+    # stdout stays the JSON's when it goes there; into a file or a pipe, the table is not cut to 80 columns
+    Console(stderr=str(json_path) == "-", width=None if sys.stdout.isatty() else 160).print(table)
     for s in summaries:
         if s.behind:
             console.print(f"[bold red]at {s.offered_per_s:g} req/s the generator fell behind its schedule (p99 "
