@@ -49,6 +49,7 @@ class Endpoint:
     in_flight: int = 0
     ewma_s: float = 0.0  # 0: no answer seen yet
     stamp: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
     attempts: set = field(default_factory=set)
     gone: bool = False
 
@@ -65,10 +66,15 @@ class Endpoint:
     def cost(self, default_s: float, tau_s: float, now: float) -> float:
         # A worker that looked slow and is no longer chosen gets no new samples to correct it: its
         # estimate decays towards the typical latency while it waits (Finagle's peak EWMA decays
-        # on read the same way), so it is tried again instead of starved for good.
+        # on read the same way), and once it has not been tried for a quarter of the decay time
+        # (0.5 s) it competes as a fresh worker again: one probe at a time, since a probe in
+        # flight counts. A worker that is still slow is then found slow again by that one request.
         ewma = self.ewma_s or default_s
         if ewma > default_s:
-            ewma = default_s + (ewma - default_s) * math.exp(-(now - self.stamp) / tau_s)
+            if self.in_flight == 0 and now - self.last_sent > tau_s / 4:
+                ewma = default_s
+            else:
+                ewma = default_s + (ewma - default_s) * math.exp(-(now - self.stamp) / tau_s)
         return ewma * (self.in_flight + 1 + 0.5 * self.member.total_load)
 
 
@@ -278,6 +284,7 @@ class Discovery:
 
     async def _attempt(self, endpoint: Endpoint, op):
         self.attempts[endpoint.member.id] += 1
+        endpoint.last_sent = time.monotonic()
         endpoint.in_flight += 1
         endpoint.attempts.add(asyncio.current_task())
         start = time.monotonic()
