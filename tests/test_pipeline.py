@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from modelport.bundle import write_config
 from modelport.errors import BundleError
 from modelport.model import Model
 from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
-from servers import Server, free_port, metric, raw_dealer, wait_until
+from servers import Gate, Server, free_port, make_gate_bundle, metric, raw_dealer, wait_until
 
 CHEAP, ACCURATE, HEAD = "efficientnet-lite0", "accurate", "flowers-head"
 FLOWERS = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -356,3 +357,31 @@ def test_evaluate_says_plainly_when_the_cascade_costs_more(tiny_cascade, tmp_pat
     assert "the cascade costs MORE than the accurate model alone" in text and "serve the accurate model alone" in text
     bad = _evaluate(str(repo / "tiered"), str(photos / "class0"), "--reference", "nope")
     assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_deadline_holds_across_steps_and_later_steps_are_not_run(tmp_path, images):
+    repo = tmp_path / "repo"
+    held = make_gate_bundle(repo / "held" / "1", max_batch_size=1, max_delay_ms=0)
+    make_tiny_bundle(repo / "after" / "1", classes=4, size=8, layout="NHWC", dtype="uint8", labels=list("abcd"))
+    write_pipeline(repo, "slow-first", 'kind = "cascade"\nsteps = ["held", "after"]\nescalate_below = 1.0\n')
+    server = Server(str(repo), log=tmp_path / "server.log").wait_ready()
+    gate = Gate(held)
+    try:
+        data = images["cat"].read_bytes()
+        ok = httpx.post(server.url + "/?model=slow-first", files={"data": data})
+        assert ok.status_code == 200 and ok.headers["x-modelport-answered-by"] == "after"  # 1.0: always escalates
+        ran = _rows(server, "after")
+        gate.close()
+        started = time.monotonic()
+        late = httpx.post(server.url + "/?model=slow-first", files={"data": data},
+                          headers={"x-request-timeout-ms": "400"}, timeout=30)
+        waited = time.monotonic() - started
+        assert late.status_code == 504 and late.json()["kind"] == "deadline_exceeded"
+        assert 0.35 < waited < 2.0  # answered at its deadline, not when the step finally finished
+        gate.open()
+        wait_until(lambda: len(gate.batches()) == 2, 10, what="the held step finished")  # the first, then this
+        time.sleep(0.3)
+        assert _rows(server, "after") == ran  # the request out of time never reached its second step
+    finally:
+        gate.open()
+        server.stop()
