@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
 from cluster import BalancerProcess, EtcdServer, registry  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
-from servers import Server, stop_all, wait_until  # noqa: E402
+from servers import Server, free_port, stop_all, wait_until  # noqa: E402
 
 from modelport.bundle import write_config  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402
@@ -71,6 +71,42 @@ def fixed_cost_bundle(directory: Path, seconds: float = 0.020, spike: float = 0.
     return directory
 
 
+class BenchCluster:
+    """What both cluster benchmarks stand on: a scratch directory, a real etcd, a repository with the
+    fixed-cost and tiny models (and any others added to ``repo``), and worker processes."""
+
+    def __init__(self, prefix: str, *worker_args: str, zmq: bool = False) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix=prefix))
+        (self.work / "etcd").mkdir()
+        self.etcd = EtcdServer(self.work / "etcd").start()
+        self.repo = self.work / "repo"
+        fixed_cost_bundle(self.repo / "fixed" / "1")
+        make_tiny_bundle(self.repo / "tiny" / "1", size=8)
+        self.url = self.etcd.url("bench")
+        self.workers: list[Server] = []
+        self._args = ("--cluster", self.url, "--drain-s", "1", "--log-level", "warning", *worker_args)
+        self._zmq = zmq
+
+    def start_worker(self) -> Server:
+        worker = Server(str(self.repo), *self._args, log=self.work / f"w{len(self.workers)}.log",
+                        zmq_port=free_port() if self._zmq else None)
+        self.workers.append(worker)
+        return worker
+
+    def grow_to(self, n: int) -> None:
+        """At least ``n`` workers, every one ready and registered."""
+        while len(self.workers) < n:
+            self.start_worker()
+        for w in self.workers:
+            w.wait_ready()
+        wait_until(lambda: set(registry(self.url)[0]) == {worker_id(w.port) for w in self.workers
+                                                          if w.proc.poll() is None}, 30, what="registered")
+
+    def close(self) -> None:
+        stop_all(self.workers)
+        self.etcd.close()
+
+
 def infer_request(model: str, datatype: str, shape: list[int]) -> bytes:
     import json
 
@@ -95,19 +131,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6, help="per throughput level")
     parser.add_argument("--balancer-args", default="", help="extra `modelport balance` options, e.g. '--threads 1'")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="clusterbench"))
-    (work / "etcd").mkdir()
-    etcd = EtcdServer(work / "etcd").start()
-    fixed_cost_bundle(work / "repo" / "fixed" / "1")
-    make_tiny_bundle(work / "repo" / "tiny" / "1", size=8)
-    url = etcd.url("bench")
-    workers: list[Server] = []
-
-    def start_worker() -> Server:
-        worker = Server(str(work / "repo"), "--cluster", url, "--lease-ttl-s", str(TTL_S), "--drain-s", "1",
-                        "--log-level", "warning", log=work / f"w{len(workers)}.log")
-        workers.append(worker)
-        return worker
+    cluster = BenchCluster("clusterbench", "--lease-ttl-s", str(TTL_S))
+    work, url, workers = cluster.work, cluster.url, cluster.workers
 
     balancer = BalancerProcess(url, work / "balancer.log", *args.balancer_args.split())
     fixed = infer_request("fixed", "UINT8", [1, 8, 8, 3])
@@ -128,10 +153,7 @@ def main() -> None:
         # -- scaling, and the hop ---------------------------------------------------------------------
         rates = {}
         for n in (1, 2, 4, 8):
-            while len(workers) < n:
-                start_worker()
-            for w in workers:
-                w.wait_ready()
+            cluster.grow_to(n)
             wanted = {worker_id(w.port) for w in workers}
             wait_until(lambda: {k for k, v in balancer.servers().items() if v.startswith("UP")} == wanted, 30,
                        what=f"{n} workers UP")
@@ -162,7 +184,7 @@ def main() -> None:
         joins, leaves, last_answers = [], [], []
         try:
             for _ in range(3):
-                new = start_worker()
+                new = cluster.start_worker()
                 new_id = worker_id(new.port)
                 wait_until(lambda: new_id in registry(url)[0], 60, every_s=0.005, what="registration")
                 registered = time.monotonic()
@@ -192,9 +214,8 @@ def main() -> None:
               f"(negative: nothing after); failed requests during joins and kills: {len(failed)} of {len(seen)}",
               flush=True)
     finally:
-        stop_all(workers)
         balancer.stop()
-        etcd.close()
+        cluster.close()
 
 
 if __name__ == "__main__":

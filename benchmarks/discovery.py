@@ -23,7 +23,6 @@ import asyncio
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,9 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from balancer import fixed_cost_bundle  # noqa: E402
-from cluster import BalancerProcess, EtcdServer, registry  # noqa: E402
-from conftest import make_tiny_bundle  # noqa: E402
+from balancer import BenchCluster, fixed_cost_bundle  # noqa: E402
+from cluster import BalancerProcess, registry  # noqa: E402
 from servers import Server, free_port, stop_all, wait_until  # noqa: E402
 
 from modelport import AsyncClient  # noqa: E402
@@ -80,13 +78,13 @@ def p99(values: list[float]) -> float:
     return ordered[int(0.99 * (len(ordered) - 1))]
 
 
-def slow_worker_scenario(work: Path, url: str, seconds: float, start_worker, all_registered) -> None:
+def slow_worker_scenario(cluster: BenchCluster, seconds: float) -> None:
     """One worker of 2 whose model takes 10 x longer (200 ms), under enough load (8 in flight) that
     the fast one cannot take everything: power of two choices must send some requests to the slow
     one, and those make the tail that hedging (at the observed p95) can cut."""
+    work, url = cluster.work, cluster.url
     fixed_cost_bundle(work / "slow-repo" / "fixed" / "1", seconds=0.2)
-    fast = start_worker()
-    all_registered()
+    cluster.grow_to(1)
     slow = Server(str(work / "slow-repo"), "--cluster", url, "--log-level", "warning", log=work / "slow.log",
                   zmq_port=free_port()).wait_ready()
     try:
@@ -102,7 +100,6 @@ def slow_worker_scenario(work: Path, url: str, seconds: float, start_worker, all
                       f"hedges won {client.discovery.stats['hedges_won']}", flush=True)
     finally:
         slow.stop()
-        del fast
 
 
 def main() -> None:
@@ -110,42 +107,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5, help="per throughput level")
     parser.add_argument("--only-slow-worker", action="store_true", help="run only the slow-worker hedging scenario")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="discoverybench"))
-    (work / "etcd").mkdir()
-    etcd = EtcdServer(work / "etcd").start()
-    fixed_cost_bundle(work / "repo" / "fixed" / "1")
-    fixed_cost_bundle(work / "repo" / "spiky" / "1", spike=0.03)
-    make_tiny_bundle(work / "repo" / "tiny" / "1", size=8)
-    url = etcd.url("bench")
-    workers: list[Server] = []
-
-    def start_worker() -> Server:
-        worker = Server(str(work / "repo"), "--cluster", url, "--drain-s", "1", "--log-level", "warning",
-                        log=work / f"w{len(workers)}.log", zmq_port=free_port())
-        workers.append(worker)
-        return worker
-
-    def all_registered() -> None:
-        for w in workers:
-            w.wait_ready()
-        wait_until(lambda: set(registry(url)[0]) == {worker_id(w.port) for w in workers if w.proc.poll() is None},
-                   30, what="registered")
+    cluster = BenchCluster("discoverybench", zmq=True)
+    fixed_cost_bundle(cluster.repo / "spiky" / "1", spike=0.03)
+    work, url, workers = cluster.work, cluster.url, cluster.workers
 
     if args.only_slow_worker:
         try:
-            slow_worker_scenario(work, url, args.seconds, start_worker, all_registered)
+            slow_worker_scenario(cluster, args.seconds)
         finally:
-            stop_all(workers)
-            etcd.stop()
+            cluster.close()
         return
     balancer = BalancerProcess(url, work / "balancer.log")
     try:
         # -- throughput: discovery client against HAProxy, same workers ---------------------------------
         direct, zmq, proxied = {}, {}, {}
         for n in (1, 2, 4, 8):
-            while len(workers) < n:
-                start_worker()
-            all_registered()
+            cluster.grow_to(n)
             wait_until(lambda: sum(v.startswith("UP") for v in balancer.servers().values()) == n, 30, what="UP")
             direct[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds))[0]
             zmq[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds, transport="zmq"))[0]
@@ -168,7 +145,7 @@ def main() -> None:
         # -- hedging: one worker of 4 stalls now and then (SIGSTOP 0.4 s every 2 s) ---------------------
         stop_all(workers[4:])
         del workers[4:]
-        all_registered()
+        cluster.grow_to(4)
         staller = workers[3]
         stalling = threading.Event()
 
@@ -212,7 +189,7 @@ def main() -> None:
                         await client.infer("fixed", {"image": PIXELS})
 
                 tasks = [asyncio.ensure_future(load()) for _ in range(8)]
-                new = start_worker()
+                new = cluster.start_worker()
                 new_id = worker_id(new.port)
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, lambda: wait_until(lambda: new_id in registry(url)[0], 60,
@@ -229,9 +206,8 @@ def main() -> None:
         print(f"a new worker's first request from the client after its key appeared: {took:.3f} s = "
               f"{took:.2f} x the 1 s target", flush=True)
     finally:
-        stop_all(workers)
         balancer.stop()
-        etcd.close()
+        cluster.close()
 
 
 if __name__ == "__main__":

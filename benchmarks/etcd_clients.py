@@ -78,6 +78,28 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def put_get_ms(put, get, count: int = 300) -> float:
+    """Median ms of ``put(i)`` then ``get()`` of one key, for a blocking client."""
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        put(i)
+        get()
+        times.append(time.perf_counter() - start)
+    return median_ms(times)
+
+
+async def put_get_ms_async(put, get, count: int = 300) -> float:
+    """The same for an asyncio client."""
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        await put(i)
+        await get()
+        times.append(time.perf_counter() - start)
+    return median_ms(times)
+
+
 # -- the baseline: raw JSON gateway over httpx ----------------------------------------------------------
 
 def b64(text: str) -> str:
@@ -89,13 +111,9 @@ def gateway(etcd: Etcd) -> dict:
 
     url = f"http://127.0.0.1:{etcd.port}/v3"
     with httpx.Client() as client:
-        times = []
-        for i in range(300):
-            start = time.perf_counter()
-            client.post(url + "/kv/put", json={"key": b64("bench/k"), "value": b64(str(i))})
-            client.post(url + "/kv/range", json={"key": b64("bench/k")})
-            times.append(time.perf_counter() - start)
-    return {"import_ms": import_ms("httpx"), "put_get_ms": median_ms(times)}
+        put_get = put_get_ms(lambda i: client.post(url + "/kv/put", json={"key": b64("bench/k"), "value": b64(str(i))}),
+                             lambda: client.post(url + "/kv/range", json={"key": b64("bench/k")}))
+    return {"import_ms": import_ms("httpx"), "put_get_ms": put_get}
 
 
 # -- aetcd (asyncio, gRPC) -----------------------------------------------------------------------------------
@@ -105,12 +123,8 @@ def aetcd_case(etcd: Etcd) -> dict:
 
     async def run() -> dict:
         client = aetcd.Client(host="127.0.0.1", port=etcd.port)
-        times = []
-        for i in range(300):
-            start = time.perf_counter()
-            await client.put(b"bench/k", str(i).encode())
-            await client.get(b"bench/k")
-            times.append(time.perf_counter() - start)
+        put_get = await put_get_ms_async(lambda i: client.put(b"bench/k", str(i).encode()),
+                                         lambda: client.get(b"bench/k"))
         watch = await client.watch_prefix(b"bench/w")
         events = watch.__aiter__()
         latency = []
@@ -123,7 +137,7 @@ def aetcd_case(etcd: Etcd) -> dict:
         etcd.start()
         outcome = await _after_restart(lambda: client.put(b"bench/w", b"after"), events.__anext__())
         await client.close()
-        return {"put_get_ms": median_ms(times), "watch_ms": median_ms(latency), "restart": outcome}
+        return {"put_get_ms": put_get, "watch_ms": median_ms(latency), "restart": outcome}
 
     return {"import_ms": import_ms("aetcd"), **asyncio.run(run())}
 
@@ -136,12 +150,8 @@ def etcd_client_case(etcd: Etcd) -> dict:
     async def run() -> dict:
         client = etcd_client.Client([f"127.0.0.1:{etcd.port}"])
         async with client.connect() as comm:
-            times = []
-            for i in range(300):
-                start = time.perf_counter()
-                await comm.put(b"bench/k", str(i).encode())
-                await comm.get(b"bench/k")
-                times.append(time.perf_counter() - start)
+            put_get = await put_get_ms_async(lambda i: comm.put(b"bench/k", str(i).encode()),
+                                             lambda: comm.get(b"bench/k"))
             # Its watch is created on the first __anext__, not by watch_prefix(): start waiting
             # before the put, or the event is missed and the wait never ends.
             events = comm.watch_prefix(b"bench/w").__aiter__()
@@ -156,7 +166,7 @@ def etcd_client_case(etcd: Etcd) -> dict:
             etcd.kill()
             etcd.start()
             outcome = await _after_restart(lambda: comm.put(b"bench/w", b"after"), events.__anext__())
-        return {"put_get_ms": median_ms(times), "watch_ms": median_ms(latency), "restart": outcome}
+        return {"put_get_ms": put_get, "watch_ms": median_ms(latency), "restart": outcome}
 
     return {"import_ms": import_ms("etcd_client"), **asyncio.run(run())}
 
@@ -167,12 +177,7 @@ def etcd3gw_case(etcd: Etcd) -> dict:
     import etcd3gw
 
     client = etcd3gw.client(host="127.0.0.1", port=etcd.port)
-    times = []
-    for i in range(300):
-        start = time.perf_counter()
-        client.put("bench/k", str(i))
-        client.get("bench/k")
-        times.append(time.perf_counter() - start)
+    put_get = put_get_ms(lambda i: client.put("bench/k", str(i)), lambda: client.get("bench/k"))
     arrived = threading.Event()
     events, cancel = client.watch_prefix("bench/w")
     queue: list = []
@@ -208,7 +213,7 @@ def etcd3gw_case(etcd: Etcd) -> dict:
     outcome = ("resumed" if any(isinstance(e, dict) for e in queue) else
                next((e for e in queue if isinstance(e, str)), "hung (no event, no error in 5 s)"))
     cancel()
-    return {"import_ms": import_ms("etcd3gw"), "put_get_ms": median_ms(times), "watch_ms": median_ms(latency),
+    return {"import_ms": import_ms("etcd3gw"), "put_get_ms": put_get, "watch_ms": median_ms(latency),
             "restart": outcome}
 
 

@@ -748,7 +748,9 @@ def _step_dir(root: Path, model: str, version: str | None) -> Path:
         raise NotFound(f"step {model!r} is a pipeline: evaluate a cascade of models")
     if version is None:
         return repository.resolve(str(model_dir))
-    number = version if version.isdigit() else repository.read_model_config(model_dir).labels.get(version)
+    from modelport import untrusted
+
+    number = version if untrusted.ascii_digits(version) else repository.read_model_config(model_dir).labels.get(version)
     if number is None or not (model_dir / str(number)).is_dir():
         raise NotFound(f"step {model}:{version}: no such version in {model_dir}")
     return model_dir / str(number)

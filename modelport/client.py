@@ -412,7 +412,7 @@ class AsyncClient:
             return any(m.state == "ready" for m in self.discovery.directory.members.values())
         if self.kind == "zmq":
             return bool((await self._call({"op": "ping"})).get("ok"))
-        async with (await self._open_session()).get(self._address + "/v2/health/ready") as response:
+        async with self._open_session().get(self._address + "/v2/health/ready") as response:
             return response.status == 200
 
     async def close(self) -> None:
@@ -457,7 +457,7 @@ class AsyncClient:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def _open_session(self):
+    def _open_session(self):
         if self._session is None:
             import aiohttp
 
@@ -467,7 +467,7 @@ class AsyncClient:
         return self._session
 
     async def _request(self, method: str, path: str, **kwargs) -> tuple[int, bytes, Mapping[str, str]]:
-        session = await self._open_session()
+        session = self._open_session()
         try:
             async with session.request(method, self._address + path, **kwargs) as response:
                 return response.status, await response.read(), response.headers

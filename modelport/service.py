@@ -32,8 +32,9 @@ class Timing:
     infer_s: float = 0.0
     enqueued: float = 0.0
     # A pipeline's request: each step's own timing, and the step that answered each row (cascade).
-    steps: list[tuple[str, "Timing"]] = field(default_factory=list)
-    answered_by: list[str] = field(default_factory=list)
+    # Empty tuples by default: a model's request allocates nothing for them.
+    steps: Sequence[tuple[str, "Timing"]] = ()
+    answered_by: Sequence[str] = ()
 
     def server_timing(self) -> str:
         if not self.steps:
@@ -174,10 +175,7 @@ class ModelService:
             raise BadInput(f"input {spec.name!r} holds NaN or infinite values", input_name=spec.name)
 
     def check_rows(self, rows: int, input_name: str | None = None) -> None:
-        """The per-request image limit (an image is one row of the batch dimension)."""
-        if rows > self.max_images:
-            raise PayloadTooLarge(f"{rows} images in one request is over the limit of {self.max_images}; "
-                                  f"send them in several requests", input_name=input_name)
+        check_rows(rows, self.max_images, input_name)
 
     def resolve_outputs(self, names: Sequence[str] | None) -> list[str]:
         if not names:
@@ -294,6 +292,13 @@ class ModelService:
         self.stats.last_inference_ms = int(time.time() * 1000)
         if self._observer is not None:
             self._observer.observe_batch(self.name, info)
+
+
+def check_rows(rows: int, max_images: int, input_name: str | None = None) -> None:
+    """The per-request image limit (an image is one row of the batch dimension)."""
+    if rows > max_images:
+        raise PayloadTooLarge(f"{rows} images in one request is over the limit of {max_images}; "
+                              f"send them in several requests", input_name=input_name)
 
 
 def decode_all(model: Model, images: Sequence[bytes], max_pixels: int, input_name: str | None) -> np.ndarray:

@@ -37,7 +37,7 @@ def default_protocol(url: str) -> str:
 
 
 class HttpTarget:
-    def __init__(self, url: str, protocol: str, model: str, concurrency_hint: int) -> None:
+    def __init__(self, url: str, protocol: str, model: str) -> None:
         import aiohttp
 
         self.url = url.rstrip("/")
@@ -99,7 +99,7 @@ class HttpTarget:
 class ClientTarget:
     """ZeroMQ and client-side discovery, through modelport's own asyncio client."""
 
-    def __init__(self, url: str, protocol: str, model: str, concurrency_hint: int) -> None:
+    def __init__(self, url: str, protocol: str, model: str) -> None:
         from modelport.client import AsyncClient
 
         self.protocol = protocol
@@ -125,11 +125,11 @@ class ClientTarget:
         await self._client.close()
 
 
-def target(url: str, protocol: str, model: str, concurrency_hint: int = 64):
+def target(url: str, protocol: str, model: str):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
     cls = ClientTarget if protocol in ("zmq", "discovery") else HttpTarget
-    return cls(url, protocol, model, concurrency_hint)
+    return cls(url, protocol, model)
 
 
 def _kind(status: int, content: bytes) -> str:

@@ -11,7 +11,6 @@ server loads it complete) with its report, or write nothing and say why.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -27,7 +26,6 @@ from modelport.model import Model
 from modelport.optimize import quantize as q
 from modelport.optimize import report as r
 
-logger = logging.getLogger("modelport.optimize")
 
 REPORT_FILE = "optimize-report.json"
 CANDIDATE_FP32_LAYERS = (0, 1, 2, 4, 8)  # most sensitive weighted layers kept in fp32, tried in order
@@ -117,7 +115,7 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
                      f"{_percent(result.top1_confident)}, INT8 top-1 in fp32 top-5 {result.in_top5:.1%}"
                      + ("" if not reasons else " - not enough"))
             if not reasons:
-                chosen = (keep, names, path, int8, result)
+                chosen = (names, path, int8, result)
                 break
             int8.close()
         if chosen is None:
@@ -126,7 +124,7 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
                               last["reasons"], tried)
             raise Refused(f"INT8 model not published: {'; '.join(last['reasons'])} (even with "
                           f"{len(last['fp32_layers'])} layers kept in fp32); nothing was written", report)
-        keep, names, path, int8, result = chosen
+        names, path, int8, result = chosen
         progress("measuring speed, fp32 and INT8 interleaved")
         batches = sorted({1, min(bundle.serving.max_batch_size, 8)})
         speeds = [r.speed(fp32.run_crops, int8.run_crops, evaluation_crops, batch) for batch in batches]

@@ -88,7 +88,7 @@ def step_costs(steps: Sequence[Model], measured: Sequence[Measured]) -> list[flo
 
 
 def sweep(config: PipelineConfig, step_probabilities: list[np.ndarray], step_cost_ms: list[float],
-          truth: np.ndarray, reference_cost_ms: float, *, target: float,
+          truth: np.ndarray, reference_cost_ms: float, *,
           thresholds: Sequence[float] | None = None) -> list[Row]:
     """Replay the cascade at each threshold (the same one for every step but the last).
 
@@ -151,7 +151,7 @@ def evaluate(config: PipelineConfig, steps: list[Model], reference: Model | None
         truth = reference_probabilities.argmax(axis=1)
         measure = f"agreement with {reference.name}"
         reference_score = 1.0
-    rows = sweep(config, probabilities, costs, truth, reference_cost, target=target)
+    rows = sweep(config, probabilities, costs, truth, reference_cost)
     return Report(measure, len(images), costs, reference_cost, reference_score,
                   calibration_error(probabilities[0], truth), rows, cheapest_meeting(rows, target), target)
 

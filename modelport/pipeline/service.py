@@ -20,11 +20,11 @@ from typing import Sequence
 import numpy as np
 
 from modelport.bundle import ImageInput, Serving
-from modelport.errors import BadInput, BundleError, ModelportError, NotFound, PayloadTooLarge, Unavailable
+from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
 from modelport.predictions import Prediction, confidence, top_k
 from modelport.registry import Registry
 from modelport.runtime import TensorSpec
-from modelport.service import Stats, Timing, _check_deadline, decode_all
+from modelport.service import Stats, Timing, _check_deadline, check_rows, decode_all
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")
@@ -42,6 +42,7 @@ class PipelineModel:
 
     def __init__(self, config: PipelineConfig, services: Sequence) -> None:
         first, last = services[0].model, services[-1].model
+        self.default_k = services[0].serving.top_k
         self.input = first.input
         self.spec: ImageInput = first.spec
         self.takes_images = first.takes_images
@@ -65,7 +66,7 @@ class PipelineModel:
         return self._probabilities(values)
 
     def top_k(self, probabilities: np.ndarray, k: int | None = None) -> list[list[Prediction]]:
-        return top_k(probabilities, self.labels, k or 5)
+        return top_k(probabilities, self.labels, k or self.default_k)
 
 
 class _Front:
@@ -137,9 +138,7 @@ class PipelineService:
         return services
 
     def check_rows(self, rows: int, input_name: str | None = None) -> None:
-        if rows > self.max_images:
-            raise PayloadTooLarge(f"{rows} images in one request is over the limit of {self.max_images}; "
-                                  f"send them in several requests", input_name=input_name)
+        check_rows(rows, self.max_images, input_name)
 
     def check_tensor(self, array: np.ndarray) -> None:
         services = self.steps()
@@ -158,7 +157,7 @@ class PipelineService:
         return list(names)
 
     def top_k(self, outputs: dict[str, np.ndarray], k: int | None) -> list[list[Prediction]]:
-        return self.model.top_k(self.model.probabilities(outputs[self.model.output.name]), k or self.serving.top_k)
+        return self.model.top_k(self.model.probabilities(outputs[self.model.output.name]), k)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -185,6 +184,7 @@ class PipelineService:
     async def _run(self, services: list, source: "_Images | _Tensor", deadline: float | None,
                    timing: Timing) -> dict[str, np.ndarray]:
         start = time.monotonic()
+        timing.steps = []
         try:
             if self.kind == "cascade":
                 result = await self._cascade(services, source, deadline, timing)
