@@ -4,7 +4,9 @@ Requests wait in a bounded queue; one worker task takes a batch and runs it whil
 queues. A batch starts as soon as the runtime is free, unless companions are already on their way
 (requests still decoding, announced with ``expect()``) and waiting for them stays under
 ``max_delay_ms`` and the batch is not full. So at low load nothing waits, and under load batches
-form on their own while the previous one runs.
+form on their own while the previous one runs. How big a batch may grow, how long it may wait and
+whether a request is refused early are the ``Planner``'s (``slo.py``): fixed settings, or chosen
+to keep a latency SLO.
 
 Invariants (everything here runs on one event loop, so no locks):
 - every submitted item gets exactly one answer: its result, or an exception;
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 from modelport.errors import DeadlineExceeded, Overloaded, Unavailable
+from modelport.slo import Planner
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,6 +38,7 @@ class _Entry(Generic[T]):
     rows: int
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
+    arrived: float  # the request's arrival (before decoding): its SLO runs from here
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -50,16 +54,19 @@ class Batcher(Generic[T, R]):
     def __init__(self, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_batch_size: int,
                  max_delay_ms: float, max_queue_size: int,
                  on_batch: Callable[[BatchInfo], None] | None = None,
-                 run_now: Callable[[Sequence[T]], Sequence[R] | None] | None = None) -> None:
+                 run_now: Callable[[Sequence[T]], Sequence[R] | None] | None = None,
+                 planner: Planner | None = None) -> None:
         self._run = run
         # Optional synchronous shortcut for an idle batcher: returns results, or None to decline.
         self._run_now = run_now
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_ms / 1000
+        self.max_batch_size = max_batch_size  # the hard cap; the planner's cap may be lower
         self.max_queue_size = max_queue_size
+        self.planner = planner or Planner(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
         self._on_batch = on_batch
         self._queue: deque[_Entry[T]] = deque()
+        self._queued_rows = 0  # rows of the entries in _queue
         self._expected = 0  # admitted requests still preparing their input (decoding)
+        self._running: tuple[float, int] | None = None  # (start, rows) of the batch at the runtime
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -72,23 +79,41 @@ class Batcher(Generic[T, R]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
-    def admit(self) -> "_Admission":
-        """Reserve a queue place before the (costly) input preparation; refuse at once when full.
+    def admit(self, *, rows: int = 1, arrived: float | None = None, deadline: float | None = None,
+              preparing: bool = True) -> "_Admission":
+        """Reserve a queue place before the (costly) input preparation; refuse at once when full,
+        or when the request would finish past its SLO or deadline.
 
         Use as ``with batcher.admit(): item = await decode(...)`` then ``await batcher.submit(item)``
         with no await in between: while the block runs, the worker knows a companion is coming.
         """
-        self.check()
+        self.check(rows=rows, arrived=arrived, deadline=deadline, preparing=preparing)
         return _Admission(self)
 
-    def check(self) -> None:
+    def check(self, *, rows: int = 1, arrived: float | None = None, deadline: float | None = None,
+              preparing: bool = True) -> None:
         """Refuse now if a request would be refused: lets a front-end skip reading a body in vain."""
         if self._closing:
             raise Unavailable("model is unloading", retry_after_s=1)
         if len(self._queue) + self._expected >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
+        now = time.monotonic()
+        self.planner.refuse_late(now=now, arrived=now if arrived is None else arrived, deadline=deadline, rows=rows,
+                                 queue=((e.arrived, e.rows) for e in self._queue), expected=self._expected,
+                                 running_left_s=self._running_left(now), preparing=preparing)
 
-    async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None) -> R:
+    def predicted_wait_s(self) -> float:
+        """How long a request arriving now would wait before its batch starts (the planner's guess)."""
+        return self.planner.predicted_wait_s(self._queued_rows + self._expected, self._running_left(time.monotonic()))
+
+    def _running_left(self, now: float) -> float:
+        if self._running is None:
+            return 0.0
+        start, rows = self._running
+        return max(0.0, start + self.planner.cost.predict(rows) - now)
+
+    async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
+                     arrived: float | None = None) -> R:
         # No closing check here: a request admitted before close() began is still served.
         if self._run_now is not None and not self._queue and not self.busy and not self._expected:
             # Idle, nobody waiting, nobody coming: a batch of one, run right here. No await
@@ -98,11 +123,15 @@ class Batcher(Generic[T, R]):
             if results is not None:
                 if len(results) != 1:
                     raise RuntimeError(f"batch of 1 produced {len(results)} results")
+                run_s = time.monotonic() - start
+                self.planner.ran(rows, run_s)
                 if self._on_batch is not None:
-                    self._on_batch(BatchInfo(1, rows, [0.0], time.monotonic() - start))
+                    self._on_batch(BatchInfo(1, rows, [0.0], run_s))
                 return results[0]
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(item, rows, future, deadline))
+        now = time.monotonic()
+        self._queue.append(_Entry(item, rows, future, deadline, now if arrived is None else arrived, now))
+        self._queued_rows += rows
         self._wakeup.set()
         # If the caller is cancelled (client gone), the future is cancelled too and the worker
         # skips it: a request nobody waits for is never computed.
@@ -129,10 +158,10 @@ class Batcher(Generic[T, R]):
 
     async def _gather(self) -> None:
         """Wait for announced companions while the batch is short and the oldest can afford it."""
-        if self.max_delay_s <= 0:
-            return
-        give_up = self._queue[0].enqueued + self.max_delay_s
-        while self._expected and self._rows() < self.max_batch_size and not self._closing:
+        oldest = self._queue[0]
+        give_up = self.planner.gather_until(oldest.arrived, oldest.enqueued)
+        while (self._expected and self._queued_rows < self.planner.cap_for(oldest.arrived, time.monotonic())
+               and not self._closing):
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 return
@@ -146,11 +175,13 @@ class Batcher(Generic[T, R]):
         batch: list[_Entry[T]] = []
         rows = 0
         now = time.monotonic()
+        cap = self.planner.cap_for(self._queue[0].arrived, now) if self._queue else 1
         while self._queue:
             entry = self._queue[0]
-            if batch and rows + entry.rows > self.max_batch_size:
+            if batch and rows + entry.rows > cap:
                 break
             self._queue.popleft()
+            self._queued_rows -= entry.rows
             if entry.future.done():  # cancelled: the client went away
                 continue
             if entry.deadline is not None and now > entry.deadline:
@@ -158,11 +189,14 @@ class Batcher(Generic[T, R]):
                 continue
             batch.append(entry)
             rows += entry.rows
+            self.planner.prepared(entry.enqueued - entry.arrived)
         return batch
 
     async def _execute(self, batch: list[_Entry[T]]) -> None:
         start = time.monotonic()
+        rows = sum(e.rows for e in batch)
         self.busy = True
+        self._running = (start, rows)
         try:
             results = await self._run([e.item for e in batch])
             if len(results) != len(batch):
@@ -174,17 +208,15 @@ class Batcher(Generic[T, R]):
             results = None
         finally:
             self.busy = False
+            self._running = None
         end = time.monotonic()
         if results is not None:
+            self.planner.ran(rows, end - start)
             for entry, result in zip(batch, results):
                 if not entry.future.done():
                     entry.future.set_result(result)
         if self._on_batch is not None:
-            self._on_batch(BatchInfo(len(batch), sum(e.rows for e in batch), [start - e.enqueued for e in batch],
-                                     end - start))
-
-    def _rows(self) -> int:
-        return sum(e.rows for e in self._queue)
+            self._on_batch(BatchInfo(len(batch), rows, [start - e.enqueued for e in batch], end - start))
 
 
 class _Admission:

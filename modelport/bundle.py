@@ -7,6 +7,7 @@ Checks that need the runtime (label count against output width, input shape) hap
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ class Serving:
     max_batch_size: int = 16
     max_delay_ms: float = 5.0
     max_queue_size: int = 256
+    # Set: the batcher chooses batch size and waits itself to keep p99 under this, and refuses
+    # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
+    latency_slo_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     if image_input.resize_shorter and image_input.resize_shorter < min(image_input.height, image_input.width):
         raise BundleError(f"{config_path}: input.resize_shorter = {image_input.resize_shorter} is smaller than the crop "
                           f"{image_input.height}x{image_input.width}")
+    if serving.latency_slo_ms is not None and not 0 < serving.latency_slo_ms < math.inf:
+        raise BundleError(f"{config_path}: serving.latency_slo_ms = {serving.latency_slo_ms} must be a positive number "
+                          f"of milliseconds")
     if any(s == 0 for s in image_input.std):
         raise BundleError(f"{config_path}: input.std must not contain 0")
 
@@ -209,12 +216,11 @@ def _section(reader: "_Reader", table: str, cls: type) -> Any:
                                       f"{len(default_value)} numbers")
                 kwargs[name] = tuple(float(v) for v in value)
             continue
-        expected = type(default_value) if default_value is not None else str
-        if expected is float:
-            expected = (int, float)
+        number = default_value.__class__ is float or str(default.type).startswith("float")
+        expected = (int, float) if number else type(default_value) if default_value is not None else str
         value = sub.get(name, expected, None)
         if value is not None:
-            kwargs[name] = float(value) if default_value.__class__ is float else value
+            kwargs[name] = float(value) if number else value
     sub.reject_unknown()
     return cls(**kwargs)
 

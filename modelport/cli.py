@@ -231,6 +231,9 @@ def build_default() -> None:
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help="Override every bundle's [serving] max_batch_size.")
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=None, help="Longest a request waits for batch companions.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=None, help="Requests waiting per model before 503.")
+@click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Keep p99 latency under this: the batcher picks batch sizes and waits itself, and refuses at once "
+                   "(503) what would miss it. Overrides every bundle's [serving] latency_slo_ms.")
 @click.option("--timeout-ms", type=click.FloatRange(min=1), default=30_000, show_default=True,
               help="Default request deadline; the X-Request-Timeout-Ms header may lower it.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=16, show_default=True, help="Request body limit (413 above).")
@@ -254,7 +257,7 @@ def build_default() -> None:
               help="With --cluster, on SIGTERM: keep serving this long after announcing 'draining'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
-          port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, timeout_ms,
+          port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms, timeout_ms,
           max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
           cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
@@ -294,7 +297,7 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
         runtime_threads=runtime_threads, log_level=log_level, max_images_per_request=max_images_per_request,
         cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s, drain_s=drain_s,
-        batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size), admin_token=admin_token,
+        batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )
     if bundles is None:
@@ -735,6 +738,71 @@ def pipeline_evaluate(pipeline_dir: Path, images: Path, reference: str | None, t
     console.print(ev.verdict(report))
     if plot_path is not None:
         console.print(f"plot: {plot_path}")
+
+
+@main.group()
+def rollout() -> None:
+    """Safe rollouts of new versions (a [rollout] table in the model's model.toml): status, promote, abort."""
+
+
+_server_option = click.option("--url", default="http://127.0.0.1:12480", show_default=True, envvar="MODELPORT_URL",
+                              help="The server that runs the rollout.")
+_token_option = click.option("--admin-token", envvar="MODELPORT_ADMIN_TOKEN", required=True,
+                             help="The server's --admin-token (also read from $MODELPORT_ADMIN_TOKEN).")
+
+
+@rollout.command("status")
+@click.argument("model")
+@_server_option
+@click.option("--json", "as_json", is_flag=True)
+def rollout_status(model: str, url: str, as_json: bool) -> None:
+    """The latest rollout of MODEL (a name, or the model's directory in the repository)."""
+    _print_rollout(_rollout_call("GET", url, model, ""), as_json)
+
+
+@rollout.command("promote")
+@click.argument("model")
+@_server_option
+@_token_option
+def rollout_promote(model: str, url: str, admin_token: str) -> None:
+    """Promote MODEL's candidate version now, skipping what is left of its judgement."""
+    _print_rollout(_rollout_call("POST", url, model, "promote", admin_token), False)
+
+
+@rollout.command("abort")
+@click.argument("model")
+@_server_option
+@_token_option
+def rollout_abort(model: str, url: str, admin_token: str) -> None:
+    """Roll MODEL's candidate version back now."""
+    _print_rollout(_rollout_call("POST", url, model, "abort", admin_token), False)
+
+
+def _rollout_call(method: str, url: str, model: str, action: str, token: str | None = None) -> dict:
+    import httpx
+
+    from modelport.client import _http_error
+
+    name = Path(model).name  # models/flowers -> flowers
+    path = f"/v2/models/{name}/rollout" if not action else f"/v2/repository/models/{name}/rollout/{action}"
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    response = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=30)
+    if response.status_code != 200:
+        raise _http_error(response.status_code, response.content, response.headers)
+    return response.json()
+
+
+def _print_rollout(status: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status))
+        return
+    shadow, canary = status["shadow"], status["canary"]
+    click.echo(f"{status['model']}: version {status['candidate_version']} against {status['serving_version']}: "
+               f"{status['stage'].replace('_', ' ')}" + (f" ({status['reason']})" if status["reason"] else ""))
+    click.echo(f"  shadow: {shadow['compared']} compared, agreement {shadow['agreement']:.3f}, {shadow['errors']} "
+               f"errors, {shadow['dropped']} dropped (busy), p99 compute ratio {shadow['p99_compute_ratio']}")
+    click.echo(f"  canary: {canary['answers']} answers, {canary['errors']} errors, p99 latency ratio "
+               f"{canary['p99_latency_ratio']}")
 
 
 def _step_dir(root: Path, model: str, version: str | None) -> Path:

@@ -5,20 +5,27 @@ hot reloader) publishes and retires versions. Everything runs on the server's ev
 switch is one assignment: a request sees either the old version or the new one, never neither.
 
 States follow Triton's repository index, plus FAILED: LOADING -> READY -> UNLOADING -> (gone);
-LOADING -> FAILED (with a reason) when a version cannot be loaded.
+LOADING -> FAILED (with a reason) when a version cannot be loaded; READY -> ROLLED_BACK (unloaded,
+with the reason) when a rollout judged it bad. While a model has a rollout in progress
+(``rollout.py``), requests that name no version go where the rollout says.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from modelport import untrusted
 from modelport.memory import release_memory
 from modelport.errors import BadInput, NotFound, Unavailable
 from modelport.service import ModelService
 
+if TYPE_CHECKING:
+    from modelport.rollout import Rollout
+
 LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
+ROLLED_BACK = "ROLLED_BACK"
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -46,6 +53,7 @@ class _Model:
 class Registry:
     def __init__(self, observer=None) -> None:
         self._models: dict[str, _Model] = {}
+        self.rollouts: dict[str, "Rollout"] = {}  # the last rollout of each model, in progress or ended
         self.ready = False  # the first load has finished
         self._observer = observer  # gets state_changed(name, version, old, new)
 
@@ -60,6 +68,9 @@ class Registry:
             raise NotFound(f"unknown model {name!r}")
         version = untrusted.version(version)
         if version is None:
+            rollout = self.rollouts.get(name)
+            if rollout is not None and rollout.active:
+                return rollout.pick()
             ready = [v for v, s in model.versions.items() if s.state == READY]
             if not ready:
                 if any(s.state == LOADING for s in model.versions.values()):
@@ -124,6 +135,14 @@ class Registry:
                                                (old.service if old and state in (READY, UNLOADING) else None))
         if self._observer is not None:
             self._observer.state_changed(name, version, old.state if old else None, state)
+
+    def roll_back(self, name: str, version: int, reason: str) -> ModelService | None:
+        """Take a version out of routing now, keeping it in the index with the reason. Returns its
+        service, for the caller to close (its queued requests are still answered)."""
+        state = self._models[name].versions.get(version)
+        service = state.service if state is not None else None
+        self.set_state(name, version, ROLLED_BACK, reason)
+        return service
 
     def set_labels(self, name: str, labels: dict[str, int]) -> None:
         self._models.setdefault(name, _Model()).labels = dict(labels)

@@ -12,6 +12,11 @@ and warmed before it is published, and only then does an old one stop taking req
 unload (TF Serving's availability-preserving policy). A version that fails to load is FAILED with
 the reason and retried with capped exponential backoff (immediately if its files change); whatever
 was serving keeps serving.
+
+With a ``[rollout]`` policy, a new version that arrives while another serves is not published as
+the default: a ``Rollout`` judges it (shadow, canary) and either promotes it (the labels that named
+the old version move to it, and the old one is retired by the version policy) or rolls it back
+(ROLLED_BACK in the index, unloaded, not loaded again until its files change).
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from modelport import repository
 from modelport.bundle import CONFIG_FILE
 from modelport.errors import ModelportError, NotFound
-from modelport.registry import FAILED, LOADING, READY, Registry, check_name
+from modelport.memory import release_memory
+from modelport.registry import FAILED, LOADING, READY, ROLLED_BACK, Registry, check_name
+from modelport.rollout import PROMOTED, Rollout
 from modelport.pipeline.config import PIPELINE_FILE, PipelineConfig, check_graph, read_pipeline
 from modelport.service import ModelService
 
@@ -58,8 +65,9 @@ class _Failure:
 class Reloader:
     def __init__(self, root: Path, registry: Registry, load: Callable[[str, Path], Awaitable[ModelService]], *,
                  load_pipeline: Callable[[str, PipelineConfig], object] | None = None,
-                 settle_s: float = 0.5, poll_s: float = 1.0, watch: bool = True) -> None:
+                 settle_s: float = 0.5, poll_s: float = 1.0, watch: bool = True, observer=None) -> None:
         self.root = root
+        self._observer = observer  # the server's metrics: rollout stages and answers
         self.registry = registry
         self._load = load
         self._load_pipeline = load_pipeline
@@ -74,6 +82,9 @@ class Reloader:
         self._next_wake: float | None = None
         self._unsettled: set[tuple[str, int]] = set()  # version directories whose files are still changing
         self._built: dict[str, tuple] = {}  # pipeline name -> the signature of the files it was built from
+        self._rolled_back: dict[tuple[str, int], tuple] = {}  # -> the signature it was judged with
+        self._moved: dict[str, tuple[int, int]] = {}  # model -> (from, to): labels follow a promotion
+        self._closing: set[asyncio.Task] = set()
 
     async def load_initial(self) -> None:
         """Load what the repository holds now (once its files are still), then mark the registry ready."""
@@ -120,6 +131,29 @@ class Reloader:
         self.registry.versions(name)  # NotFound for a model that is not there
         self._unloaded_by_api.add(name)
         await self.sync(only=name)
+
+    def rollout(self, name: str) -> Rollout:
+        check_name(name)
+        rollout = self.registry.rollouts.get(name)
+        if rollout is None:
+            raise NotFound(f"model {name!r} has had no rollout on this server")
+        return rollout
+
+    def promote(self, name: str) -> Rollout:
+        rollout = self._active(name)
+        rollout.promote("promoted by the management API")
+        return rollout
+
+    def abort(self, name: str) -> Rollout:
+        rollout = self._active(name)
+        rollout.roll_back("aborted by the management API")
+        return rollout
+
+    def _active(self, name: str) -> Rollout:
+        rollout = self.rollout(name)
+        if not rollout.active:
+            raise NotFound(f"model {name!r} has no rollout in progress (the last one ended {rollout.stage})")
+        return rollout
 
     # -- the work -------------------------------------------------------------------------------------
 
@@ -169,29 +203,89 @@ class Reloader:
             logger.error("%s", exc.message)
             config = None
         complete = self._complete_versions(name, model_dir)
+        for key in [k for k in self._rolled_back if k[0] == name]:
+            seen = self._seen.get(key)
+            if seen is None or seen.signature != self._rolled_back[key]:  # new files: judge it again
+                del self._rolled_back[key]
+                if key[1] in loaded and loaded[key[1]].state == ROLLED_BACK:
+                    await self.registry.retire(*key)
+            else:
+                complete.pop(key[1], None)
+        loaded = self.registry.versions(name) if self.registry.known(name) else {}
         # A loaded version stays a candidate while its directory exists, even if files in it
         # change: versions are immutable once loaded (logs or caches written beside the model
         # must not unload it).
         candidates = set(complete) | {v for v, s in loaded.items() if s.state == READY and (name, v) in self._seen}
+        if config:
+            moved = self._moved.get(name)
+            labels = {k: (moved[1] if moved and v == moved[0] else v) for k, v in config.labels.items()}
+            config = replace(config, labels=labels)
         wanted = config.wanted(sorted(candidates)) if config else {v for v, s in loaded.items() if s.state == READY}
         if config:
             self.registry.set_labels(name, config.labels)
 
+        rollout = self.registry.rollouts.get(name)
+        serving = self._serving(name, loaded)
         # Load first (newest first), publish each when warm; retire only afterwards.
         for version in sorted(wanted - {v for v, s in loaded.items() if s.state in (READY, LOADING)}, reverse=True):
-            await self._try_load(name, version, complete[version])
+            judge = None
+            if config and config.rollout and serving is not None and version > serving:
+                if rollout is not None and rollout.active:
+                    rollout.roll_back(f"superseded by version {version}")
+                judge = self._rollout_starter(name, config, serving)
+            await self._try_load(name, version, complete[version], before_publish=judge)
+            rollout = self.registry.rollouts.get(name)
         loaded = self.registry.versions(name)
         # Availability first: until every wanted version is READY, the newest READY version that
         # is no longer wanted keeps serving.
         wanted_ready = all(v in loaded and loaded[v].state == READY for v in wanted)
         unwanted_ready = sorted(v for v, s in loaded.items() if v not in wanted and s.state == READY)
         keep = set() if wanted_ready or not unwanted_ready else {unwanted_ready[-1]}
+        if rollout is not None and rollout.active:  # the version it is judged against serves on
+            keep.add(rollout.serving.version)
         for version, state in loaded.items():
-            if state.state == FAILED:
+            if state.state in (FAILED, ROLLED_BACK):
                 if (name, version) not in self._seen:
                     await self.registry.retire(name, version)  # its directory is gone: forget the failure
             elif version not in wanted and version not in keep:
                 await self.registry.retire(name, version)
+
+    def _serving(self, name: str, loaded: dict) -> int | None:
+        """The version that answers requests naming no version now (before this sync's loads)."""
+        rollout = self.registry.rollouts.get(name)
+        if rollout is not None and rollout.active:
+            return rollout.serving.version
+        ready = [v for v, s in loaded.items() if s.state == READY]
+        return max(ready) if ready else None
+
+    def _rollout_starter(self, name: str, config, serving_version: int):
+        def start(candidate: ModelService) -> None:
+            serving = self.registry.versions(name)[serving_version].service
+            rollout = Rollout(name, config.rollout, serving, candidate, on_end=self._rollout_ended,
+                              observer=self._observer)
+            self.registry.rollouts[name] = rollout
+            rollout.start()
+        return start
+
+    def _rollout_ended(self, rollout: Rollout) -> None:
+        """Called by the rollout itself, on the loop, the moment it is decided."""
+        name, version = rollout.name, rollout.candidate.version
+        if rollout.stage == PROMOTED:
+            self._moved[name] = (rollout.serving.version, version)
+        else:
+            service = self.registry.roll_back(name, version, f"rolled back: {rollout.reason}")
+            # Judged with the files as they are now: only a change from here brings it back.
+            self._rolled_back[(name, version)] = repository.signature(self.root / name / str(version))
+            if service is not None:
+                task = asyncio.ensure_future(self._close(service))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        self._changed.set()  # the next sync retires the old version, moves labels
+
+    @staticmethod
+    async def _close(service: ModelService) -> None:
+        await service.close()
+        release_memory()
 
     def _complete_versions(self, name: str, model_dir: Path) -> dict[int, Path]:
         now = time.monotonic()
@@ -260,7 +354,8 @@ class Reloader:
         return read_pipeline(path) if path.is_file() and not repository.escapes(self.root, path) else None
 
     async def _try_load(self, name: str, version: int, path: Path | Callable[[], Awaitable],
-                        retry_max_s: float = _RETRY_MAX_S) -> None:
+                        retry_max_s: float = _RETRY_MAX_S,
+                        before_publish: Callable[[ModelService], None] | None = None) -> None:
         key = (name, version)
         sig = self._seen[key].signature
         failure = self._failures.get(key)
@@ -284,6 +379,8 @@ class Reloader:
                        attempts, delay, reason)
             return
         self._failures.pop(key, None)
+        if before_publish is not None:  # no await from here to READY: no request sees it unjudged
+            before_publish(service)
         self.registry.set_state(name, version, READY, service=service)
         logger.info("model %s version %s READY", name, version)
 

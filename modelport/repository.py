@@ -9,6 +9,7 @@ from pathlib import Path
 from modelport import default_model, untrusted
 from modelport.bundle import CONFIG_FILE
 from modelport.errors import BundleError, NotFound
+from modelport.rollout import RolloutPolicy
 
 
 def resolve(ref: str | None) -> Path:
@@ -82,13 +83,15 @@ class ModelConfig:
         stable = 6
         canary = 7
 
-    Versions named by a label are loaded too, whatever the policy.
+    Versions named by a label are loaded too, whatever the policy. A ``[rollout]`` table makes new
+    versions go through shadow and canary before they take the traffic (``rollout.py``).
     """
 
     latest: int | None = 1
     all: bool = False
     specific: tuple[int, ...] = ()
     labels: dict[str, int] = field(default_factory=dict)
+    rollout: RolloutPolicy | None = None
 
     def wanted(self, available: list[int]) -> set[int]:
         if self.all:
@@ -108,7 +111,7 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid TOML: {exc}") from None
-    unknown = set(raw) - {"version_policy", "labels"}
+    unknown = set(raw) - {"version_policy", "labels", "rollout"}
     if unknown:
         raise BundleError(f"{path}: unknown key {sorted(unknown)[0]}")
     policy = raw.get("version_policy", {"latest": 1})
@@ -122,12 +125,13 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     for label in labels:
         if label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
             raise BundleError(f"{path}: label {label!r} must be a word, not a number")
+    rollout = RolloutPolicy.from_table(raw["rollout"], path) if "rollout" in raw else None
     if kind == "latest" and isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return ModelConfig(latest=value, labels=labels)
+        return ModelConfig(latest=value, labels=labels, rollout=rollout)
     if kind == "all" and value is True:
-        return ModelConfig(latest=None, all=True, labels=labels)
+        return ModelConfig(latest=None, all=True, labels=labels, rollout=rollout)
     if kind == "specific" and isinstance(value, list) and value and all(isinstance(v, int) and v > 0 for v in value):
-        return ModelConfig(latest=None, specific=tuple(value), labels=labels)
+        return ModelConfig(latest=None, specific=tuple(value), labels=labels, rollout=rollout)
     raise BundleError(f"{path}: version_policy {policy!r} is not {{latest = N >= 1}}, {{all = true}} or "
                       f"{{specific = [N, ...]}}")
 

@@ -9,17 +9,18 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from modelport.batching import Batcher, BatchInfo
 from modelport.bundle import Serving
-from modelport.errors import BadInput, DeadlineExceeded, PayloadTooLarge
+from modelport.errors import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, Unavailable
 from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
 from modelport.model import Model
 from modelport.predictions import Prediction
 from modelport.runtime import V2_TO_NUMPY
+from modelport.slo import Planner
 
 
 @dataclass
@@ -101,10 +102,18 @@ class ModelService:
         self._own_pool = infer_pool is None
         self._infer_pool = infer_pool or ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model.name}")
         self._observer = observer
+        planner = Planner(max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
+                          latency_slo_ms=self.serving.latency_slo_ms, first_batch_s=model.warm_up_s,
+                          pair_batch_s=model.warm_up_pair_s)
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
-            max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now)
+            max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now,
+            planner=planner)
         self.output_names = [o.name for o in model.runtime.outputs]
+        # A rollout's hooks (``rollout.py``): ``mirror`` sees each answered request (shadow copies),
+        # ``probe`` each outcome: True answered, False failed by the model's fault, None refused.
+        self.mirror: Callable[..., None] | None = None
+        self.probe: Callable[[bool | None, float], None] | None = None
         self._recent_run_s = model.warm_up_s  # moving average of batch run time
         self._inline_ok = getattr(model.runtime, "pure_compute", False)
 
@@ -134,29 +143,38 @@ class ModelService:
             raise BadInput("no image given", input_name=input_name)
         self.check_rows(len(images), input_name)
         _check_deadline(deadline)
-        with self.batcher.admit():
+        with self.batcher.admit(rows=len(images), arrived=timing.arrived, deadline=deadline):
             start = time.monotonic()
             crops = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._decode_all, images, input_name)
             timing.decode_s = time.monotonic() - start
             if self._observer is not None:
                 self._observer.observe_decode(self.name, timing.decode_s)
-        return await self._submit(crops, True, deadline, timing)
+        outputs = await self._submit(crops, True, deadline, timing)
+        if self.mirror is not None:
+            self.mirror(images=images, crops=crops, outputs=outputs, timing=timing)
+        return outputs
 
     async def infer_crops(self, crops: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         """Images already decoded for this model's input (a pipeline decodes once per input size)."""
         _check_deadline(deadline)
-        with self.batcher.admit():
+        with self.batcher.admit(rows=len(crops), arrived=timing.arrived, deadline=deadline, preparing=False):
             pass
-        return await self._submit(crops, True, deadline, timing)
+        outputs = await self._submit(crops, True, deadline, timing)
+        if self.mirror is not None:
+            self.mirror(crops=crops, outputs=outputs, timing=timing)
+        return outputs
 
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         """The graph's own input, already shaped (N, ...) and typed; checked here, not by the runtime."""
         self.check_tensor(array)
         _check_deadline(deadline)
-        with self.batcher.admit():  # nothing to prepare: this only refuses at once when the queue is full
-            pass
-        return await self._submit(array, False, deadline, timing)
+        with self.batcher.admit(rows=len(array), arrived=timing.arrived, deadline=deadline, preparing=False):
+            pass  # nothing to prepare: this only refuses at once (queue full, SLO or deadline out of reach)
+        outputs = await self._submit(array, False, deadline, timing)
+        if self.mirror is not None:
+            self.mirror(tensor=array, outputs=outputs, timing=timing)
+        return outputs
 
     def check_tensor(self, array: np.ndarray) -> None:
         spec = self.model.input
@@ -207,21 +225,30 @@ class ModelService:
         except TimeoutError:
             self.stats.fail_count += 1
             self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
+            if self.probe is not None:
+                self.probe(False, time.monotonic() - timing.arrived)
             if any(item.started for item in items):
                 raise DeadlineExceeded("deadline passed while the model was computing; answer dropped") from None
             raise DeadlineExceeded("deadline passed while queued; not computed") from None
-        except Exception:
+        except Exception as exc:
             self.stats.fail_count += 1
             self.stats.fail_ns += int((time.monotonic() - start) * 1e9)
+            if self.probe is not None:
+                self.probe(None if isinstance(exc, (Overloaded, Unavailable)) else False,
+                           time.monotonic() - timing.arrived)
             raise
         self.stats.success_count += 1
         self.stats.success_ns += int((time.monotonic() - timing.arrived) * 1e9)
+        if self.probe is not None:
+            self.probe(True, time.monotonic() - timing.arrived)
         return result
 
     async def _submit_items(self, items: list[_Item], deadline: float | None) -> dict[str, np.ndarray]:
         if len(items) == 1:
-            return await self.batcher.submit(items[0], rows=len(items[0].array), deadline=deadline)
-        tasks = [asyncio.ensure_future(self.batcher.submit(item, rows=len(item.array), deadline=deadline))
+            return await self.batcher.submit(items[0], rows=len(items[0].array), deadline=deadline,
+                                             arrived=items[0].timing.arrived)
+        tasks = [asyncio.ensure_future(self.batcher.submit(item, rows=len(item.array), deadline=deadline,
+                                                           arrived=item.timing.arrived))
                  for item in items]
         try:
             parts = await asyncio.gather(*tasks)

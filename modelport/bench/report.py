@@ -32,6 +32,7 @@ class Summary:
     server: dict[str, float] | None = None  # modelport's own: mean batch size, mean queue ms
     limit_per_s: float | None = None
     over_time: list[tuple[float, float]] = field(default_factory=list)  # (planned s, latency ms), for plots
+    error_latency_ms: dict[str, float | None] = field(default_factory=dict)  # p50 p99 max, over errors
 
     def as_dict(self, with_samples: bool = False) -> dict:
         data = asdict(self)
@@ -44,9 +45,11 @@ def summarise(run: Run, expected: Sequence[tuple[int | None, str | None]] | None
     ok = wrong = 0
     errors: dict[str, int] = {}
     answered = []
+    failed = []
     for sample in run.samples:
         if sample.error is not None:
             errors[sample.error] = errors.get(sample.error, 0) + 1
+            failed.append(sample.latency_s * 1000)
             continue
         answered.append(sample)
         if expected is not None and not _matches(sample.answer, expected[sample.image]):
@@ -61,7 +64,8 @@ def summarise(run: Run, expected: Sequence[tuple[int | None, str | None]] | None
                    run.unsent, len(run.samples) / run.duration_s, len(answered) / window, ok / window,
                    _percentiles(latencies),
                    schedule, bool(run.unsent) or (schedule is not None and schedule["p99"] > BEHIND_MS),
-                   over_time=[(round(s.planned, 4), round(s.latency_s * 1000, 3)) for s in answered])
+                   over_time=[(round(s.planned, 4), round(s.latency_s * 1000, 3)) for s in answered],
+                   error_latency_ms=_percentiles(np.array(failed), ("p50", "p99", "max")))
 
 
 def _matches(answer, expected: tuple[int | None, str | None]) -> bool:

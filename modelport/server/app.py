@@ -21,7 +21,7 @@ from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.memory import trim_when_idle
 from modelport.model import Model
-from modelport.server import kserve, tfserving, upload
+from modelport.server import kserve, rollouts, tfserving, upload
 from modelport.server.config import ServerConfig
 from modelport.server.http import ClientGone, error_response, internal_error, json_response
 from modelport.server.limits import BodyLimit
@@ -83,7 +83,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 
         if repository is not None:
             app.state.reloader = Reloader(repository, registry, load, load_pipeline=load_pipeline,
-                                          settle_s=config.settle_s, poll_s=config.poll_s, watch=watch)
+                                          settle_s=config.settle_s, poll_s=config.poll_s, watch=watch,
+                                          observer=metrics)
             loading = asyncio.get_running_loop().create_task(_run_reloader(app, app.state.reloader))
         else:
             app.state.reloader = None
@@ -129,7 +130,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 
     routes = [Route("/", upload.predict, methods=["POST"]),
               Route("/metrics", metrics_endpoint),
-              *kserve.routes(), *tfserving.routes()]
+              *kserve.routes(), *rollouts.routes(), *tfserving.routes()]
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id),
@@ -157,7 +158,7 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,
                            observer=metrics)
     service.start()
-    metrics.queue_depth.labels(service.name, str(service.version)).set_function(lambda b=service.batcher: b.queued)
+    metrics.follow_batcher(service.name, service.version, service.batcher)
     return service
 
 

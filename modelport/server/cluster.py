@@ -28,6 +28,10 @@ def membership(config: ServerConfig, registry: Registry, metrics: Metrics, rpc) 
         for name, model in models.items():
             model["labels"] = {label: str(v) for label, v in registry.labels(name).items()
                                if str(v) in model["versions"]}
+            rollout = registry.rollouts.get(name)
+            if rollout is not None:  # each worker judges its own rollout: the registry shows each one's
+                model["rollout"] = {"candidate": str(rollout.candidate.version),
+                                    "serving": str(rollout.serving.version), "stage": rollout.stage}
         load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
                 "queued": sum(s.batcher.queued for s in registry.services())}
         return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),

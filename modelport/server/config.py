@@ -18,6 +18,7 @@ class BatchingOverrides:
     max_batch_size: int | None = None
     max_delay_ms: float | None = None
     max_queue_size: int | None = None
+    latency_slo_ms: float | None = None
 
 
 @dataclass(frozen=True)

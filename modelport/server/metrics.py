@@ -39,6 +39,36 @@ class Metrics:
         self._request_children: dict[tuple, tuple] = {}
         self.queue_depth = Gauge("modelport_queue_depth", "Requests waiting in a model's queue.", ["model", "version"],
                                  registry=r)
+        self.rollout_stage = Gauge("modelport_rollout_stage", "1 for the stage of each model's latest rollout "
+                                   "(shadow, canary, promoted, rolled_back), by candidate version.",
+                                   ["model", "version", "stage"], registry=r)
+        self.rollout_answers = Counter("modelport_rollout_answers", "Answers of a rollout's candidate version, by "
+                                       "stage (shadow: compared copies, never returned; canary: returned).",
+                                       ["model", "version", "stage"], registry=r)
+        self.batch_size_limit = Gauge("modelport_batch_size_limit", "Largest batch the batcher forms now (with a "
+                                      "latency SLO: its current choice; otherwise max_batch_size).",
+                                      ["model", "version"], registry=r)
+        self.predicted_queue = Gauge("modelport_predicted_queue_seconds", "How long a request arriving now would "
+                                     "wait for its batch to start, as the batcher predicts it.", ["model", "version"],
+                                     registry=r)
+
+    def rollout_stage_changed(self, model: str, version: int, stage: str) -> None:
+        for old in ("shadow", "canary", "promoted", "rolled_back"):
+            if old != stage:
+                try:
+                    self.rollout_stage.remove(model, str(version), old)
+                except KeyError:
+                    pass
+        self.rollout_stage.labels(model, str(version), stage).set(1)
+
+    def rollout_counted(self, model: str, version: int, stage: str, answers: int) -> None:
+        self.rollout_answers.labels(model, str(version), stage).inc(answers)
+
+    def follow_batcher(self, model: str, version: int, batcher) -> None:
+        labels = (model, str(version))
+        self.queue_depth.labels(*labels).set_function(lambda: batcher.queued)
+        self.batch_size_limit.labels(*labels).set_function(lambda: batcher.planner.cap)
+        self.predicted_queue.labels(*labels).set_function(batcher.predicted_wait_s)
 
     def in_flight_now(self) -> int:
         return int(self.in_flight._value.get())  # prometheus_client keeps the number here
@@ -70,11 +100,12 @@ class Metrics:
                 pass
         if new is not None:
             self.model_state.labels(model, str(version), new).set(1)
-        else:  # unloaded: drop its series, and the gauge callback that would keep the service alive
-            try:
-                self.queue_depth.remove(model, str(version))
-            except KeyError:
-                pass
+        if new in (None, "ROLLED_BACK"):  # unloaded: drop its series, and the gauge callbacks that would keep it alive
+            for gauge in (self.queue_depth, self.batch_size_limit, self.predicted_queue):
+                try:
+                    gauge.remove(model, str(version))
+                except KeyError:
+                    pass
 
     def observe_pipeline_step(self, pipeline: str, step: str, rows: int) -> None:
         if rows:

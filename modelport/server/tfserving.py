@@ -23,7 +23,8 @@ from modelport.server.http import begin, deadline, json_response, unless_disconn
 from modelport.service import ModelService
 
 
-_TF_STATES = {"LOADING": "LOADING", "READY": "AVAILABLE", "UNLOADING": "UNLOADING", "FAILED": "END"}
+_TF_STATES = {"LOADING": "LOADING", "READY": "AVAILABLE", "UNLOADING": "UNLOADING", "FAILED": "END",
+              "ROLLED_BACK": "END"}
 
 
 async def status(request: Request) -> Response:
@@ -38,7 +39,7 @@ async def status(request: Request) -> Response:
     return json_response({"model_version_status": [{
         "version": str(v),
         "state": _TF_STATES.get(s.state, s.state),
-        "status": {"error_code": "UNKNOWN" if s.state == "FAILED" else "OK", "error_message": s.reason},
+        "status": {"error_code": "UNKNOWN" if s.state in ("FAILED", "ROLLED_BACK") else "OK", "error_message": s.reason},
     } for v, s in sorted(versions.items())]})
 
 

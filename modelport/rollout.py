@@ -1,0 +1,306 @@
+"""Safe rollouts: a new version is shadowed, then canaried, then promoted -- or rolled back.
+
+A model whose ``model.toml`` has a ``[rollout]`` table does not hand its traffic to a new version
+as soon as it is warm. The new version (the *candidate*) is judged against the version serving now:
+
+- **shadow**: copies of live requests run on it after the serving version has answered, only when
+  both are idle (one copy at a time; dropped and counted otherwise), so users never wait for it.
+  Its top-1 *label* is compared with the serving version's (a shuffled labels file disagrees even
+  though the weights are the same), its errors counted, its compute time compared.
+- **canary**: a share of the requests that name no version is answered by it, chosen per request;
+  its error rate and p99 latency are compared with the serving version's over the same window.
+- **promoted**: it takes all traffic and the labels that named the old version move to it; or
+  **rolled back**: it stops taking traffic at once, is unloaded, and keeps its reason and figures.
+
+A rollout judges only what its own server sees: in a cluster each worker judges its own.
+No I/O here; the reloader acts on the outcome (``on_end``), the server's metrics observe it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from modelport.errors import BadInput, BundleError, Overloaded, PayloadTooLarge, Unavailable
+
+logger = logging.getLogger("modelport.rollout")
+
+SHADOW, CANARY, PROMOTED, ROLLED_BACK = "shadow", "canary", "promoted", "rolled_back"
+_LATENCIES = 2048  # per side, for the p99s
+# The client's own mistakes and refusals say nothing about a version's health.
+_NOT_ITS_FAULT = (BadInput, PayloadTooLarge, Overloaded, Unavailable, asyncio.CancelledError)
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """The ``[rollout]`` table of ``model.toml``."""
+
+    shadow_requests: int = 500  # compared shadow answers before the shadow verdict; 0 = no shadow stage
+    min_agreement: float = 0.97  # top-1 label agreement with the serving version
+    canary_share: float = 0.1  # of requests that name no version; 0 = no canary stage
+    canary_requests: int = 1000  # canary answers before the canary verdict
+    max_error_rate: float = 0.01
+    max_p99_ratio: float = 1.5  # candidate's p99 latency / the serving version's
+
+    @classmethod
+    def from_table(cls, raw: Any, path) -> "RolloutPolicy":
+        if not isinstance(raw, dict):
+            raise BundleError(f"{path}: [rollout] must be a table")
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise BundleError(f"{path}: rollout.{unknown[0]} is not a rollout setting; the settings are "
+                              f"{', '.join(cls.__dataclass_fields__)}")
+        values = {}
+        for name, field in cls.__dataclass_fields__.items():
+            if name not in raw:
+                continue
+            value = raw[name]
+            is_int = field.type in ("int", int)
+            if isinstance(value, bool) or not isinstance(value, (int,) if is_int else (int, float)) \
+                    or not math.isfinite(value):
+                raise BundleError(f"{path}: rollout.{name} must be {'a whole number' if is_int else 'a number'}, "
+                                  f"got {value!r}")
+            values[name] = value if is_int else float(value)
+        policy = cls(**values)
+        for name, low, high in (("shadow_requests", 0, None), ("canary_requests", 0, None),
+                                ("min_agreement", 0, 1), ("canary_share", 0, 1), ("max_error_rate", 0, 1),
+                                ("max_p99_ratio", 1, None)):
+            value = getattr(policy, name)
+            if value < low or (high is not None and value > high):
+                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise BundleError(f"{path}: rollout.{name} = {value!r} must be {bounds}")
+        if policy.canary_share > 0 and policy.canary_requests == 0 or policy.canary_share == 0 and \
+                "canary_requests" in raw and policy.canary_requests > 0:
+            raise BundleError(f"{path}: rollout.canary_share and rollout.canary_requests go together: "
+                              f"both above 0 for a canary stage, or canary_share = 0 for none")
+        return policy
+
+
+class Rollout:
+    def __init__(self, name: str, policy: RolloutPolicy, serving, candidate, *,
+                 on_end: Callable[["Rollout"], None], observer=None, rng: Callable[[], float] = random.random) -> None:
+        self.name = name
+        self.policy = policy
+        self.serving = serving
+        self.candidate = candidate
+        self._on_end = on_end
+        self._observer = observer
+        self._rng = rng
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.reason = ""
+        self.stage = ""
+        # shadow
+        self.compared = self.agreed = self.shadow_dropped = self.shadow_errors = 0
+        self._shadow_busy = False
+        self._shadow_infer = {"serving": deque(maxlen=_LATENCIES), "candidate": deque(maxlen=_LATENCIES)}
+        # canary
+        self.canary_answers = self.canary_errors = 0
+        self._latency = {"serving": deque(maxlen=_LATENCIES), "candidate": deque(maxlen=_LATENCIES)}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.serving.mirror = self._mirror
+        self.serving.probe = lambda ok, seconds: self._probe("serving", ok, seconds)
+        self.candidate.probe = lambda ok, seconds: self._probe("candidate", ok, seconds)
+        if self.policy.shadow_requests > 0:
+            self._enter(SHADOW)
+        elif self.policy.canary_share > 0:
+            self._enter(CANARY)
+        else:
+            self.promote("the policy has neither a shadow nor a canary stage")
+
+    @property
+    def active(self) -> bool:
+        return self.stage in (SHADOW, CANARY)
+
+    def promote(self, reason: str) -> None:
+        if self.active or not self.stage:
+            self._end(PROMOTED, reason)
+
+    def roll_back(self, reason: str) -> None:
+        if self.active:
+            self._end(ROLLED_BACK, reason)
+
+    def _enter(self, stage: str) -> None:
+        self.stage = stage
+        self._latency["serving"].clear()  # each stage compares the two over its own window
+        self._latency["candidate"].clear()
+        logger.info("model %s version %s: rollout %s (against version %s)", self.name, self.candidate.version, stage,
+                    self.serving.version)
+        if self._observer is not None:
+            self._observer.rollout_stage_changed(self.name, self.candidate.version, stage)
+
+    def _end(self, stage: str, reason: str) -> None:
+        self.reason = reason
+        self.ended_at = time.time()
+        if self.serving.mirror == self._mirror:
+            self.serving.mirror = None
+        self.serving.probe = self.candidate.probe = None
+        for task in self._tasks:
+            task.cancel()
+        self._enter(stage)
+        logger.log(logging.INFO if stage == PROMOTED else logging.WARNING, "model %s version %s %s: %s",
+                   self.name, self.candidate.version, stage.replace("_", " "), reason)
+        self._on_end(self)
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def pick(self):
+        """The service for a request that names no version."""
+        if self.stage == CANARY and self._rng() < self.policy.canary_share:
+            return self.candidate
+        return self.serving
+
+    # -- shadow ----------------------------------------------------------------------------------
+
+    def _mirror(self, *, images=None, crops=None, tensor=None, outputs=None, timing=None) -> None:
+        """Called by the serving version with each answered request (sync, on the loop)."""
+        if self.stage != SHADOW:
+            return
+        spare = (not self._shadow_busy and not self.serving.batcher.queued and not self.serving.batcher.busy
+                 and not self.candidate.batcher.queued and not self.candidate.batcher.busy)
+        if not spare:
+            self.shadow_dropped += 1
+            return
+        self._shadow_busy = True
+        task = asyncio.ensure_future(self._shadow(images, crops, tensor, outputs, timing))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shadow(self, images, crops, tensor, outputs, timing) -> None:
+        from modelport.service import Timing
+
+        mine = Timing()
+        try:
+            if tensor is not None:
+                answer = await self.candidate.infer_tensor(tensor, deadline=None, timing=mine)
+            elif crops is not None and self.candidate.model.spec == self.serving.model.spec:
+                answer = await self.candidate.infer_crops(crops, deadline=None, timing=mine)
+            elif images is not None:
+                answer = await self.candidate.infer_images(images, deadline=None, timing=mine)
+            else:
+                self.shadow_dropped += 1
+                return
+        except _NOT_ITS_FAULT:
+            self.shadow_dropped += 1
+            return
+        except Exception as exc:
+            self.shadow_errors += 1
+            self._count("shadow")
+            logger.debug("shadow request on %s version %s failed: %s", self.name, self.candidate.version, exc)
+            self._judge_shadow()
+            return
+        finally:
+            self._shadow_busy = False
+        theirs = _top1(self.serving, outputs)
+        mine_top1 = _top1(self.candidate, answer)
+        self.compared += len(theirs)
+        self.agreed += sum(a == b for a, b in zip(theirs, mine_top1))
+        if timing is not None:
+            self._shadow_infer["serving"].append(timing.infer_s)
+            self._shadow_infer["candidate"].append(mine.infer_s)
+        self._count("shadow", len(theirs))
+        self._judge_shadow()
+
+    def _judge_shadow(self) -> None:
+        if self.stage != SHADOW:
+            return
+        p = self.policy
+        needed = p.shadow_requests
+        disagreed = self.compared - self.agreed
+        # Decided early once no outcome of the rest could save it.
+        if disagreed > (1 - p.min_agreement) * needed or self.compared >= needed and self.agreement < p.min_agreement:
+            self.roll_back(f"top-1 agreement with version {self.serving.version} is {self.agreement:.3f} over "
+                           f"{self.compared} shadow answers, below min_agreement {p.min_agreement}")
+            return
+        tries = self.compared + self.shadow_errors
+        if self.shadow_errors > p.max_error_rate * needed:
+            self.roll_back(f"{self.shadow_errors} of {tries} shadow requests failed: error rate above "
+                           f"max_error_rate {p.max_error_rate}")
+            return
+        if self.compared < needed:
+            return
+        ratio = _p99_ratio(self._shadow_infer)
+        if ratio is not None and ratio > p.max_p99_ratio:
+            self.roll_back(f"p99 compute time is {ratio:.2f} x version {self.serving.version}'s in shadow, above "
+                           f"max_p99_ratio {p.max_p99_ratio}")
+        elif p.canary_share > 0:
+            self._enter(CANARY)
+        else:
+            self.promote(f"shadow passed: agreement {self.agreement:.3f} over {self.compared} answers")
+
+    # -- canary ----------------------------------------------------------------------------------
+
+    def _probe(self, side: str, ok: bool | None, seconds: float) -> None:
+        """Each request either version answered (ok), failed by its own fault (False), or refused (None)."""
+        if self.stage != CANARY or ok is None:
+            return
+        if ok:
+            self._latency[side].append(seconds)
+        if side != "candidate":
+            return
+        self.canary_answers += 1
+        self.canary_errors += not ok
+        self._count("canary")
+        p = self.policy
+        if self.canary_errors > p.max_error_rate * p.canary_requests:
+            self.roll_back(f"{self.canary_errors} of {self.canary_answers} canary requests failed: error rate "
+                           f"above max_error_rate {p.max_error_rate}")
+        elif self.canary_answers >= p.canary_requests:
+            ratio = _p99_ratio(self._latency)
+            if ratio is not None and ratio > p.max_p99_ratio:
+                self.roll_back(f"p99 latency is {ratio:.2f} x version {self.serving.version}'s in canary, above "
+                               f"max_p99_ratio {p.max_p99_ratio}")
+            else:
+                self.promote(f"canary passed: {self.canary_errors} errors in {self.canary_answers} answers, p99 "
+                             f"ratio {ratio if ratio is None else round(ratio, 2)}")
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    @property
+    def agreement(self) -> float:
+        return self.agreed / self.compared if self.compared else 1.0
+
+    def status(self) -> dict:
+        return {
+            "model": self.name, "serving_version": str(self.serving.version),
+            "candidate_version": str(self.candidate.version), "stage": self.stage, "reason": self.reason,
+            "started": self.started_at, "ended": self.ended_at,
+            "shadow": {"compared": self.compared, "agreed": self.agreed, "agreement": round(self.agreement, 4),
+                       "errors": self.shadow_errors, "dropped": self.shadow_dropped,
+                       "p99_compute_ratio": _round(_p99_ratio(self._shadow_infer))},
+            "canary": {"answers": self.canary_answers, "errors": self.canary_errors,
+                       "p99_latency_ratio": _round(_p99_ratio(self._latency))},
+            "policy": asdict(self.policy),
+        }
+
+    def _count(self, stage: str, answers: int = 1) -> None:
+        if self._observer is not None:
+            self._observer.rollout_counted(self.name, self.candidate.version, stage, answers)
+
+
+def _top1(service, outputs: dict[str, np.ndarray]) -> list[str]:
+    values = outputs[service.model.output.name]
+    return [service.model.labels[i] for i in values.reshape(len(values), -1).argmax(axis=1)]
+
+
+def _p99_ratio(samples: dict[str, deque]) -> float | None:
+    if len(samples["serving"]) < 10 or len(samples["candidate"]) < 10:
+        return None
+    serving = float(np.percentile(samples["serving"], 99))
+    return float(np.percentile(samples["candidate"], 99)) / max(serving, 1e-6)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -1,0 +1,37 @@
+"""Rollouts over HTTP: their status for anyone, promote and abort for the token's holder.
+
+    GET  /v2/models/{model}/rollout                       the latest rollout of the model here
+    POST /v2/repository/models/{model}/rollout/promote    (bearer token, like load/unload)
+    POST /v2/repository/models/{model}/rollout/abort
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from modelport.server.http import json_response
+from modelport.server.kserve import _authorise, _reloader
+
+
+async def status(request: Request) -> Response:
+    return json_response(_reloader(request).rollout(request.path_params["model"]).status())
+
+
+async def promote(request: Request) -> Response:
+    _authorise(request)
+    return json_response(_reloader(request).promote(request.path_params["model"]).status())
+
+
+async def abort(request: Request) -> Response:
+    _authorise(request)
+    return json_response(_reloader(request).abort(request.path_params["model"]).status())
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v2/models/{model}/rollout", status),
+        Route("/v2/repository/models/{model:path}/rollout/promote", promote, methods=["POST"]),
+        Route("/v2/repository/models/{model:path}/rollout/abort", abort, methods=["POST"]),
+    ]
