@@ -59,7 +59,9 @@ class Registry:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def get(self, name: str, version: str | int | None = None) -> ModelService:
+    def get(self, name: str, version: str | int | None = None, *, routed: bool = True) -> ModelService:
+        """The service for a request; ``routed=False`` for questions about the model (metadata,
+        readiness, statistics): those get the serving version, never a canary's pick."""
         check_name(name)
         model = self._models.get(name)
         if model is None:
@@ -70,7 +72,7 @@ class Registry:
         if version is None:
             rollout = self.rollouts.get(name)
             if rollout is not None and rollout.active:
-                return rollout.pick()
+                return rollout.pick() if routed else rollout.serving
             ready = [v for v, s in model.versions.items() if s.state == READY]
             if not ready:
                 if any(s.state == LOADING for s in model.versions.values()):

@@ -8,7 +8,9 @@ as soon as it is warm. The new version (the *candidate*) is judged against the v
   Its top-1 *label* is compared with the serving version's (a shuffled labels file disagrees even
   though the weights are the same), its errors counted, its compute time compared.
 - **canary**: a share of the requests that name no version is answered by it, chosen per request;
-  its error rate and p99 latency are compared with the serving version's over the same window.
+  its error rate and p99 latency are compared with the serving version's over the same window, and
+  (when idle, as in shadow) the serving version answers copies of its requests so that its answers
+  are still compared: a wrong version is caught within a few canary answers.
 - **promoted**: it takes all traffic and the labels that named the old version move to it; or
   **rolled back**: it stops taking traffic at once, is unloaded, and keeps its reason and figures.
 
@@ -35,6 +37,10 @@ logger = logging.getLogger("modelport.rollout")
 
 SHADOW, CANARY, PROMOTED, ROLLED_BACK = "shadow", "canary", "promoted", "rolled_back"
 _LATENCIES = 2048  # per side, for the p99s
+# A p99 ratio is judged only when the difference is more than this: between two sub-millisecond
+# models the ratio is noise (a thread hand-off, a cache miss, a collection), not a slower version
+# (measured: a tiny model's copies ran 0.1 ms or 1.4 ms depending on the path they took).
+_LATENCY_FLOOR_S = 0.002
 # The client's own mistakes and refusals say nothing about a version's health.
 _NOT_ITS_FAULT = (BadInput, PayloadTooLarge, Overloaded, Unavailable, asyncio.CancelledError)
 
@@ -98,9 +104,12 @@ class Rollout:
         self.ended_at: float | None = None
         self.reason = ""
         self.stage = ""
-        # shadow
-        self.compared = self.agreed = self.shadow_dropped = self.shadow_errors = 0
-        self._shadow_busy = False
+        # answers compared (shadow: the candidate's copies; canary: the serving version's copies)
+        self.compared = {SHADOW: 0, CANARY: 0}
+        self.agreed = {SHADOW: 0, CANARY: 0}
+        self.copies_dropped = {SHADOW: 0, CANARY: 0}
+        self.shadow_errors = 0
+        self._copy_busy = False
         self._shadow_infer = {"serving": deque(maxlen=_LATENCIES), "candidate": deque(maxlen=_LATENCIES)}
         # canary
         self.canary_answers = self.canary_errors = 0
@@ -111,6 +120,7 @@ class Rollout:
 
     def start(self) -> None:
         self.serving.mirror = self._mirror
+        self.candidate.mirror = self._mirror
         self.serving.probe = lambda ok, seconds: self._probe("serving", ok, seconds)
         self.candidate.probe = lambda ok, seconds: self._probe("candidate", ok, seconds)
         if self.policy.shadow_requests > 0:
@@ -144,8 +154,9 @@ class Rollout:
     def _end(self, stage: str, reason: str) -> None:
         self.reason = reason
         self.ended_at = time.time()
-        if self.serving.mirror == self._mirror:
-            self.serving.mirror = None
+        for service in (self.serving, self.candidate):
+            if service.mirror == self._mirror:
+                service.mirror = None
         self.serving.probe = self.candidate.probe = None
         for task in self._tasks:
             task.cancel()
@@ -162,83 +173,101 @@ class Rollout:
             return self.candidate
         return self.serving
 
-    # -- shadow ----------------------------------------------------------------------------------
+    # -- copies: shadow (to the candidate), canary (to the serving version) -----------------------
 
-    def _mirror(self, *, images=None, crops=None, tensor=None, outputs=None, timing=None) -> None:
-        """Called by the serving version with each answered request (sync, on the loop)."""
-        if self.stage != SHADOW:
+    def _mirror(self, *, images=None, crops=None, tensor=None, outputs=None, timing=None, service=None) -> None:
+        """Called by either version with each request it answered (sync, on the loop)."""
+        stage = self.stage
+        if stage == SHADOW and service is self.serving:
+            source, target = self.serving, self.candidate
+        elif stage == CANARY and service is self.candidate:
+            source, target = self.candidate, self.serving
+        else:
             return
-        spare = (not self._shadow_busy and not self.serving.batcher.queued and not self.serving.batcher.busy
-                 and not self.candidate.batcher.queued and not self.candidate.batcher.busy)
-        if not spare:
-            self.shadow_dropped += 1
+        spare = (not self._copy_busy and not source.batcher.queued and not source.batcher.busy
+                 and not target.batcher.queued and not target.batcher.busy)
+        if not spare:  # only spare capacity: a copy never delays a user's request
+            self.copies_dropped[stage] += 1
             return
-        self._shadow_busy = True
-        task = asyncio.ensure_future(self._shadow(images, crops, tensor, outputs, timing))
+        self._copy_busy = True
+        task = asyncio.ensure_future(self._copy(stage, source, target, images, crops, tensor, outputs, timing))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shadow(self, images, crops, tensor, outputs, timing) -> None:
+    async def _copy(self, stage, source, target, images, crops, tensor, outputs, timing) -> None:
         from modelport.service import Timing
 
         mine = Timing()
         try:
             if tensor is not None:
-                answer = await self.candidate.infer_tensor(tensor, deadline=None, timing=mine)
-            elif crops is not None and self.candidate.model.spec == self.serving.model.spec:
-                answer = await self.candidate.infer_crops(crops, deadline=None, timing=mine)
+                answer = await target.infer_tensor(tensor, deadline=None, timing=mine)
+            elif crops is not None and target.model.spec == source.model.spec:
+                answer = await target.infer_crops(crops, deadline=None, timing=mine)
             elif images is not None:
-                answer = await self.candidate.infer_images(images, deadline=None, timing=mine)
+                answer = await target.infer_images(images, deadline=None, timing=mine)
             else:
-                self.shadow_dropped += 1
+                self.copies_dropped[stage] += 1
                 return
         except _NOT_ITS_FAULT:
-            self.shadow_dropped += 1
+            self.copies_dropped[stage] += 1
             return
         except Exception as exc:
-            self.shadow_errors += 1
-            self._count("shadow")
-            logger.debug("shadow request on %s version %s failed: %s", self.name, self.candidate.version, exc)
-            self._judge_shadow()
+            if target is self.candidate:
+                self.shadow_errors += 1
+                self._count(stage)
+                logger.debug("shadow request on %s version %s failed: %s", self.name, target.version, exc)
+                self._judge_shadow()
             return
         finally:
-            self._shadow_busy = False
-        theirs = _top1(self.serving, outputs)
-        mine_top1 = _top1(self.candidate, answer)
-        self.compared += len(theirs)
-        self.agreed += sum(a == b for a, b in zip(theirs, mine_top1))
-        if timing is not None:
-            self._shadow_infer["serving"].append(timing.infer_s)
-            self._shadow_infer["candidate"].append(mine.infer_s)
-        self._count("shadow", len(theirs))
-        self._judge_shadow()
+            self._copy_busy = False
+        if self.stage != stage:
+            return
+        theirs, ours = _top1(source, outputs), _top1(target, answer)
+        self.compared[stage] += len(ours)
+        self.agreed[stage] += sum(a == b for a, b in zip(theirs, ours))
+        if stage == SHADOW:
+            if timing is not None:
+                self._shadow_infer["serving"].append(timing.infer_s)
+                self._shadow_infer["candidate"].append(mine.infer_s)
+            self._count(SHADOW, len(ours))
+            self._judge_shadow()
+        else:
+            self._judge_agreement(CANARY, self.policy.canary_requests)
+
+    def _judge_agreement(self, stage: str, planned: int) -> bool:
+        """Roll back once disagreements rule out min_agreement over the planned answers (or over
+        those compared, when they are all in); True if it did."""
+        p = self.policy
+        compared, agreed = self.compared[stage], self.agreed[stage]
+        if compared and (compared - agreed > (1 - p.min_agreement) * planned
+                         or compared >= planned and agreed / compared < p.min_agreement):
+            self.roll_back(f"top-1 agreement with version {self.serving.version} is {agreed / compared:.3f} over "
+                           f"{compared} {stage} answers compared, below min_agreement {p.min_agreement}")
+            return True
+        return False
 
     def _judge_shadow(self) -> None:
         if self.stage != SHADOW:
             return
         p = self.policy
         needed = p.shadow_requests
-        disagreed = self.compared - self.agreed
-        # Decided early once no outcome of the rest could save it.
-        if disagreed > (1 - p.min_agreement) * needed or self.compared >= needed and self.agreement < p.min_agreement:
-            self.roll_back(f"top-1 agreement with version {self.serving.version} is {self.agreement:.3f} over "
-                           f"{self.compared} shadow answers, below min_agreement {p.min_agreement}")
+        if self._judge_agreement(SHADOW, needed):
             return
-        tries = self.compared + self.shadow_errors
+        tries = self.compared[SHADOW] + self.shadow_errors
         if self.shadow_errors > p.max_error_rate * needed:
             self.roll_back(f"{self.shadow_errors} of {tries} shadow requests failed: error rate above "
                            f"max_error_rate {p.max_error_rate}")
             return
-        if self.compared < needed:
+        if self.compared[SHADOW] < needed:
             return
-        ratio = _p99_ratio(self._shadow_infer)
-        if ratio is not None and ratio > p.max_p99_ratio:
-            self.roll_back(f"p99 compute time is {ratio:.2f} x version {self.serving.version}'s in shadow, above "
-                           f"max_p99_ratio {p.max_p99_ratio}")
+        ratio = _p99_ratio(self._shadow_infer) or 0.0
+        if _too_slow(self._shadow_infer, p.max_p99_ratio):
+            self.roll_back(f"{_name(self._shadow_infer)} compute time is {ratio:.2f} x version "
+                           f"{self.serving.version}'s in shadow, above max_p99_ratio {p.max_p99_ratio}")
         elif p.canary_share > 0:
             self._enter(CANARY)
         else:
-            self.promote(f"shadow passed: agreement {self.agreement:.3f} over {self.compared} answers")
+            self.promote(f"shadow passed: agreement {self.agreement(SHADOW):.3f} over {self.compared[SHADOW]} answers")
 
     # -- canary ----------------------------------------------------------------------------------
 
@@ -258,30 +287,33 @@ class Rollout:
             self.roll_back(f"{self.canary_errors} of {self.canary_answers} canary requests failed: error rate "
                            f"above max_error_rate {p.max_error_rate}")
         elif self.canary_answers >= p.canary_requests:
-            ratio = _p99_ratio(self._latency)
-            if ratio is not None and ratio > p.max_p99_ratio:
-                self.roll_back(f"p99 latency is {ratio:.2f} x version {self.serving.version}'s in canary, above "
-                               f"max_p99_ratio {p.max_p99_ratio}")
-            else:
+            ratio = _p99_ratio(self._latency) or 0.0
+            if _too_slow(self._latency, p.max_p99_ratio):
+                self.roll_back(f"{_name(self._latency)} latency is {ratio:.2f} x version {self.serving.version}'s in "
+                               f"canary, above max_p99_ratio {p.max_p99_ratio}")
+            elif not self._judge_agreement(CANARY, self.compared[CANARY]):
                 self.promote(f"canary passed: {self.canary_errors} errors in {self.canary_answers} answers, p99 "
-                             f"ratio {ratio if ratio is None else round(ratio, 2)}")
+                             f"ratio {ratio:.2f}, agreement "
+                             f"{self.agreement(CANARY):.3f} over {self.compared[CANARY]} compared")
 
     # -- reporting -------------------------------------------------------------------------------
 
-    @property
-    def agreement(self) -> float:
-        return self.agreed / self.compared if self.compared else 1.0
+    def agreement(self, stage: str) -> float:
+        return self.agreed[stage] / self.compared[stage] if self.compared[stage] else 1.0
 
     def status(self) -> dict:
         return {
             "model": self.name, "serving_version": str(self.serving.version),
             "candidate_version": str(self.candidate.version), "stage": self.stage, "reason": self.reason,
             "started": self.started_at, "ended": self.ended_at,
-            "shadow": {"compared": self.compared, "agreed": self.agreed, "agreement": round(self.agreement, 4),
-                       "errors": self.shadow_errors, "dropped": self.shadow_dropped,
-                       "p99_compute_ratio": _round(_p99_ratio(self._shadow_infer))},
+            "shadow": {"compared": self.compared[SHADOW], "agreed": self.agreed[SHADOW],
+                       "agreement": round(self.agreement(SHADOW), 4), "errors": self.shadow_errors,
+                       "dropped": self.copies_dropped[SHADOW], "p99_compute_ratio": _round(_p99_ratio(self._shadow_infer)),
+                       "compute_ms": _summary_ms(self._shadow_infer)},
             "canary": {"answers": self.canary_answers, "errors": self.canary_errors,
-                       "p99_latency_ratio": _round(_p99_ratio(self._latency))},
+                       "compared": self.compared[CANARY], "agreement": round(self.agreement(CANARY), 4),
+                       "dropped": self.copies_dropped[CANARY], "p99_latency_ratio": _round(_p99_ratio(self._latency)),
+                       "latency_ms": _summary_ms(self._latency)},
             "policy": asdict(self.policy),
         }
 
@@ -296,10 +328,36 @@ def _top1(service, outputs: dict[str, np.ndarray]) -> list[str]:
 
 
 def _p99_ratio(samples: dict[str, deque]) -> float | None:
-    if len(samples["serving"]) < 10 or len(samples["candidate"]) < 10:
+    quantile = _quantile(samples)
+    if quantile is None:
         return None
-    serving = float(np.percentile(samples["serving"], 99))
-    return float(np.percentile(samples["candidate"], 99)) / max(serving, 1e-6)
+    serving = float(np.percentile(samples["serving"], quantile))
+    return float(np.percentile(samples["candidate"], quantile)) / max(serving, 1e-6)
+
+
+def _quantile(samples: dict[str, deque]) -> float | None:
+    """99 with a hundred answers a side; below that a p99 is just the slowest one (one hiccup
+    would roll a good version back), so the medians are compared instead; nothing below ten."""
+    fewest = min(len(samples["serving"]), len(samples["candidate"]))
+    return None if fewest < 10 else 99 if fewest >= 100 else 50
+
+
+def _name(samples: dict[str, deque]) -> str:
+    return "p99" if _quantile(samples) == 99 else "median (too few answers for a p99)"
+
+
+def _too_slow(samples: dict[str, deque], max_ratio: float) -> bool:
+    ratio = _p99_ratio(samples)
+    if ratio is None or ratio <= max_ratio:
+        return False
+    q = _quantile(samples)
+    return float(np.percentile(samples["candidate"], q) - np.percentile(samples["serving"], q)) > _LATENCY_FLOOR_S
+
+
+def _summary_ms(samples: dict[str, deque]) -> dict:
+    return {side: {"count": len(values), "p50": _round(float(np.percentile(values, 50)) * 1000) if values else None,
+                   "p99": _round(float(np.percentile(values, 99)) * 1000) if values else None}
+            for side, values in samples.items()}
 
 
 def _round(value: float | None) -> float | None:

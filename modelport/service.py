@@ -152,7 +152,7 @@ class ModelService:
                 self._observer.observe_decode(self.name, timing.decode_s)
         outputs = await self._submit(crops, True, deadline, timing)
         if self.mirror is not None:
-            self.mirror(images=images, crops=crops, outputs=outputs, timing=timing)
+            self.mirror(images=images, crops=crops, outputs=outputs, timing=timing, service=self)
         return outputs
 
     async def infer_crops(self, crops: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
@@ -162,7 +162,7 @@ class ModelService:
             pass
         outputs = await self._submit(crops, True, deadline, timing)
         if self.mirror is not None:
-            self.mirror(crops=crops, outputs=outputs, timing=timing)
+            self.mirror(crops=crops, outputs=outputs, timing=timing, service=self)
         return outputs
 
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
@@ -173,7 +173,7 @@ class ModelService:
             pass  # nothing to prepare: this only refuses at once (queue full, SLO or deadline out of reach)
         outputs = await self._submit(array, False, deadline, timing)
         if self.mirror is not None:
-            self.mirror(tensor=array, outputs=outputs, timing=timing)
+            self.mirror(tensor=array, outputs=outputs, timing=timing, service=self)
         return outputs
 
     def check_tensor(self, array: np.ndarray) -> None:

@@ -21,7 +21,7 @@ from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.memory import trim_when_idle
 from modelport.model import Model
-from modelport.server import kserve, rollouts, tfserving, upload
+from modelport.server import demo, kserve, rollouts, tfserving, upload
 from modelport.server.config import ServerConfig
 from modelport.server.http import ClientGone, error_response, internal_error, json_response
 from modelport.server.limits import BodyLimit
@@ -128,7 +128,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             decode_pool.shutdown(wait=True)
             infer_pool.shutdown(wait=True)
 
-    routes = [Route("/", upload.predict, methods=["POST"]),
+    routes = [Route("/", upload.predict, methods=["POST"]), Route("/", demo.home, methods=["GET"]),
               Route("/metrics", metrics_endpoint),
               *kserve.routes(), *rollouts.routes(), *tfserving.routes()]
     app = Starlette(

@@ -87,7 +87,7 @@ async def infer(request: Request) -> Response:
     body = await request.body()
     # The version is picked after the body has arrived: a version switch during a slow upload
     # sends the request to the new version instead of failing it.
-    service = _service(request)
+    service = _service(request, routed=True)
     timing = begin(request, service)
     header, binary = _split_binary(request, body)
     payload = untrusted.json_body(header)
@@ -293,9 +293,9 @@ def _tensor_meta(spec) -> dict:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
-def _service(request: Request) -> ModelService:
+def _service(request: Request, *, routed: bool = False) -> ModelService:
     params = request.path_params
-    return request.app.state.models.get(params["model"], params.get("version"))
+    return request.app.state.models.get(params["model"], params.get("version"), routed=routed)
 
 
 # -- model repository extension (needs --admin-token) ---------------------------------------------

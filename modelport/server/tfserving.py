@@ -93,7 +93,7 @@ async def _infer(request: Request, service: ModelService, parsed, request_deadli
 async def _start(request: Request):
     _service(request).batcher.check()  # refuse before reading a body in vain (see upload.predict)
     body = await request.body()
-    service = _service(request)  # after the body: see kserve.infer
+    service = _service(request, routed=True)  # after the body: see kserve.infer
     timing = begin(request, service)
     payload = untrusted.json_body(body)
     if not isinstance(payload, dict):
@@ -152,9 +152,9 @@ def _tensor_info(spec) -> dict:
     return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d)} for d in spec.shape]}}
 
 
-def _service(request: Request) -> ModelService:
+def _service(request: Request, *, routed: bool = False) -> ModelService:
     params = request.path_params
-    return request.app.state.models.get(params["model"], params.get("label", params.get("version")))
+    return request.app.state.models.get(params["model"], params.get("label", params.get("version")), routed=routed)
 
 
 def routes() -> list[Route]:

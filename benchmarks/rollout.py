@@ -1,0 +1,189 @@
+"""Issue 15's figures: safe rollouts of the default model under continuous open-loop load.
+
+    python benchmarks/rollout.py [--rate 30] [--seconds 20]
+
+One `modelport serve` over a repository holding the default model as `m`, with a [rollout] policy.
+Users are an open-loop Poisson stream of photo uploads at --rate; every answer's version and label
+is kept, and a label is "wrong" when it differs from what version 1 answers for that photo.
+1. baseline: p99 with no rollout;
+2. a good version (the same files) arrives: shadow -> canary -> promoted; errors, and p99 while in
+   shadow / the baseline's p99 (target <= 1.1);
+3. a bad version (labels file shuffled), shadow on: rolled back in shadow; user-visible wrong
+   answers (target 0);
+4. a bad version, shadow off, canary 10 %: the users who saw it / (canary share x requests in the
+   window it was judged over) (target <= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from common import photo_files  # noqa: E402
+from servers import Server, wait_until  # noqa: E402
+
+from modelport import default_model  # noqa: E402
+
+SHADOW_POLICY = "shadow_requests = 300\nmin_agreement = 0.97\ncanary_share = 0.1\ncanary_requests = 300\n"
+CANARY_ONLY = "shadow_requests = 0\nmin_agreement = 0.97\ncanary_share = 0.1\ncanary_requests = 300\n"
+
+
+def publish(source: Path, target: Path, shuffle_labels: bool = False) -> None:
+    staging = target.parent / f".{target.name}"
+    staging.mkdir()
+    for item in source.iterdir():
+        if item.name == "labels.txt" and shuffle_labels:
+            labels = item.read_text().splitlines()
+            random.Random(0).shuffle(labels)
+            (staging / item.name).write_text("\n".join(labels) + "\n")
+        else:
+            (staging / item.name).symlink_to(item.resolve())
+    staging.rename(target)  # seen at once, complete
+
+
+class Users:
+    """Open-loop Poisson uploads; each answer: (sent at, latency s, status, version, label, photo)."""
+
+    def __init__(self, url: str, photos: list[bytes], rate: float) -> None:
+        self.url, self.photos, self.rate = url, photos, rate
+        self.answers: list[tuple[float, float, int, str, str | None, int]] = []
+        self._stop = False
+
+    async def run(self, until) -> None:
+        rng = random.Random(1)
+        tasks = set()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+            start = time.monotonic()
+            planned = start
+            while not until():
+                planned += rng.expovariate(self.rate)
+                await asyncio.sleep(max(0.0, planned - time.monotonic()))
+                task = asyncio.ensure_future(self._one(session, planned, rng.randrange(len(self.photos))))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+
+    async def _one(self, session, planned: float, photo: int) -> None:
+        form = aiohttp.FormData()
+        form.add_field("data", self.photos[photo], filename="photo.jpg", content_type="image/jpeg")
+        async with session.post(self.url + "/?model=m", data=form) as response:
+            body = await response.json(content_type=None)
+            label = body[0][0] if response.status == 200 else None
+            self.answers.append((planned, time.monotonic() - planned, response.status,
+                                 response.headers.get("x-model-version", ""), label, photo))
+
+
+def run_users(url, photos, rate, until) -> Users:
+    users = Users(url, photos, rate)
+    asyncio.run(users.run(until))
+    return users
+
+
+def status(url: str) -> dict:
+    response = httpx.get(url + "/v2/models/m/rollout")
+    return response.json() if response.status_code == 200 else {}
+
+
+def p99(latencies) -> float:
+    return float(np.percentile(np.array(latencies), 99)) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=float, default=30)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+    source = default_model.ensure_default_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photos = [p.read_bytes() for p in photo_files(tmp / "photos")]
+        repo = tmp / "repo"
+        (repo / "m").mkdir(parents=True)
+        publish(source, repo / "m" / "1")
+        (repo / "m" / "model.toml").write_text("[rollout]\n" + SHADOW_POLICY)
+        server = Server(str(repo), "--log-level", "warning", log=tmp / "server.log").wait_ready(120)
+        try:
+            # 1. baseline, and what version 1 answers for each photo
+            end = time.monotonic() + args.seconds
+            base = run_users(server.url, photos, args.rate, lambda: time.monotonic() > end)
+            truth = {photo: label for _, _, code, _, label, photo in base.answers if code == 200}
+            base_p99 = p99([lat for _, lat, code, *_ in base.answers if code == 200])
+            print(f"baseline: {len(base.answers)} requests at {args.rate:g}/s, p99 {base_p99:.1f} ms", flush=True)
+
+            # 2. a good version: shadow -> canary -> promoted
+            publish(source, repo / "m" / "2")
+            marks: dict[str, float] = {}
+
+            def until_promoted() -> bool:
+                stage = status(server.url).get("stage")
+                if stage and stage not in marks:
+                    marks[stage] = time.monotonic()
+                return stage in ("promoted", "rolled_back") or time.monotonic() - marks.get("start", 1e18) > 600
+
+            marks["start"] = time.monotonic()
+            good = run_users(server.url, photos, args.rate, until_promoted)
+            final = status(server.url)
+            in_shadow = [lat for sent, lat, code, *_ in good.answers
+                         if code == 200 and marks.get("shadow", 0) <= sent < marks.get("canary", 1e18)]
+            errors = sum(code != 200 for _, _, code, *_ in good.answers)
+            ratio = p99(in_shadow) / base_p99 if len(in_shadow) > 50 else float("nan")
+            print(f"good version: {final['stage']} after {marks.get(final['stage'], 0) - marks['start']:.1f} s "
+                  f"({final['reason']}); {errors} errors in {len(good.answers)} requests; p99 in shadow "
+                  f"{p99(in_shadow):.1f} ms = {ratio:.2f} x baseline (target <= 1.1); shadow dropped "
+                  f"{final['shadow']['dropped']} copies (busy)", flush=True)
+            wait_until(lambda: httpx.get(server.url + "/v2/models/m/versions/1/ready").status_code != 200, 30)
+
+            # 3. a bad version, shadow on
+            publish(source, repo / "m" / "3", shuffle_labels=True)
+            start = time.monotonic()
+            time.sleep(0.05)
+            bad = run_users(server.url, photos, args.rate,
+                            lambda: status(server.url).get("candidate_version") == "3"
+                            and status(server.url).get("stage") == "rolled_back" or time.monotonic() - start > 600)
+            final = status(server.url)
+            seen = sum(version == "3" for _, _, _, version, *_ in bad.answers)
+            wrong = sum(code == 200 and label != truth.get(photo, label) for _, _, code, _, label, photo in bad.answers)
+            print(f"bad version, shadow on: {final['stage']} after {time.monotonic() - start:.1f} s "
+                  f"({final['reason']}); answers from it {seen}, wrong answers {wrong} of {len(bad.answers)} "
+                  f"(target 0)", flush=True)
+
+            # 4. a bad version, shadow off, canary 10 %
+            (repo / "m" / "model.toml").write_text("[rollout]\n" + CANARY_ONLY)
+            time.sleep(1.5)  # the reloader reads model.toml on its next sync
+            publish(source, repo / "m" / "4", shuffle_labels=True)
+            start = time.monotonic()
+            marks = {}
+
+            def until_judged() -> bool:
+                now = status(server.url)
+                if now.get("candidate_version") == "4" and "begin" not in marks:
+                    marks["begin"] = time.monotonic()
+                return now.get("candidate_version") == "4" and now.get("stage") == "rolled_back" \
+                    or time.monotonic() - start > 600
+
+            canary = run_users(server.url, photos, args.rate, until_judged)
+            final = status(server.url)
+            seen = sum(version == "4" for _, _, _, version, *_ in canary.answers)
+            window = sum(sent >= marks.get("begin", start) for sent, *_ in canary.answers)
+            print(f"bad version, canary 10 %: {final['stage']} ({final['reason']}); users who saw it {seen} of "
+                  f"{window} requests in the judged window: {seen / max(1, 0.1 * window):.2f} x (canary share x "
+                  f"window) (target <= 1); {final['canary']['compared']} canary answers compared", flush=True)
+        finally:
+            server.stop()
+            shutil.rmtree(repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
