@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelport import untrusted
+from modelport.device import Device
 from modelport.errors import BundleError
 from modelport.runtime import RUNTIMES
 
@@ -67,6 +68,7 @@ class Serving:
     # Set: the batcher chooses batch size and waits itself to keep p99 under this, and refuses
     # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
     latency_slo_ms: float | None = None
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto; `serve --device` overrides it
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     if image_input.resize_shorter and image_input.resize_shorter < min(image_input.height, image_input.width):
         raise BundleError(f"{config_path}: input.resize_shorter = {image_input.resize_shorter} is smaller than the crop "
                           f"{image_input.height}x{image_input.width}")
+    try:
+        Device.parse(serving.device)
+    except BundleError as exc:
+        raise BundleError(f"{config_path}: serving.{exc.message}") from None
     if serving.latency_slo_ms is not None and not 0 < serving.latency_slo_ms < math.inf:
         raise BundleError(f"{config_path}: serving.latency_slo_ms = {serving.latency_slo_ms} must be a positive number "
                           f"of milliseconds")

@@ -248,6 +248,10 @@ def build_default() -> None:
 @click.option("--write-timeout-s", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="A client that reads none of its responses for this long is cut off.")
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (GPU if there is one): where every model's batches "
+                                             "run (default: each bundle's [serving] device, cpu). Decoding stays on the CPU.")
+@click.option("--model-name", default=None, help="Serve a single bundle or model directory under this name "
+                                                  "(KServe passes the InferenceService's name).")
 @click.option("--cluster", default=None, envvar="MODELPORT_CLUSTER",
               help="Join a cluster: etcd://HOST:PORT/NAME. Registers once every model is ready (see `modelport balance`).")
 @click.option("--advertise", default=None, help="Host name or address others reach this server at (default: --host).")
@@ -259,7 +263,7 @@ def build_default() -> None:
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
           port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms, timeout_ms,
           max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
-          cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
+          device, model_name, cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
     A repository is followed while serving (new versions load, then take traffic; removed ones
@@ -269,11 +273,16 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     from modelport import default_model, repository
     from modelport.bundle import CONFIG_FILE
     from modelport.errors import NotFound
+    from modelport.registry import check_name
     from modelport.server.config import BatchingOverrides, ServerConfig
     from modelport.server.run import serve as run_server
 
     if source and repository_dir:
         raise click.UsageError("give SOURCE or --repository, not both")
+    if device is not None:
+        from modelport.device import Device
+
+        Device.parse(device)  # a typo is an error now, not after the models load
     if cluster is not None:
         from modelport.cluster.etcd import client_library
         from modelport.cluster.members import ClusterURL
@@ -284,18 +293,23 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     bundles = None
     if root is None:
         def bundles():
-            return {default_model.NAME: default_model.ensure_default_model()}
+            return {check_name(model_name or default_model.NAME): default_model.ensure_default_model()}
     elif not root.is_dir():
         raise NotFound(f"{root}: no such directory")
+    elif model_name is not None and not ((root / CONFIG_FILE).is_file() or repository.versions(root)):
+        raise click.UsageError("--model-name names a single bundle or model directory; a repository names its "
+                               "models by their directories")
     elif (root / CONFIG_FILE).is_file() or repository.versions(root):
         found = repository.scan(root)  # one bundle, or one model's highest version: served as is
+        if model_name is not None:
+            found = {check_name(model_name): path for path in found.values()}
 
         def bundles():
             return found
     config = ServerConfig(
         host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
-        runtime_threads=runtime_threads, log_level=log_level, max_images_per_request=max_images_per_request,
+        runtime_threads=runtime_threads, device=device, log_level=log_level, max_images_per_request=max_images_per_request,
         cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s, drain_s=drain_s,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from modelport import imaging
+from modelport.device import Device
 from modelport.bundle import Bundle, load_bundle
 from modelport.errors import BadInput, BundleError
 from modelport.predictions import Prediction, softmax, top_k
@@ -19,21 +20,25 @@ class Model:
     """Safe to use from several threads: decoding is pure, and an ONNX Runtime session may run
     concurrently (the server still runs one batch per model at a time, by design of its batcher)."""
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, device: str | None = None) -> None:
         self.bundle = bundle
         self.name = bundle.name
         self.version = bundle.version
         self.labels = bundle.labels
         self.spec = bundle.input
-        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads, bundle=bundle)
+        # The device: the server's --device, else the bundle's [serving] device (default cpu).
+        self.device = Device.parse(device or bundle.serving.device)
+        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads, bundle=bundle,
+                                                     device=self.device)
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()
         self.warm_up()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, name: str | None = None, threads: int | None = None) -> "Model":
-        return cls(load_bundle(Path(path), name=name), threads=threads)
+    def load(cls, path: str | os.PathLike, *, name: str | None = None, threads: int | None = None,
+             device: str | None = None) -> "Model":
+        return cls(load_bundle(Path(path), name=name), threads=threads, device=device)
 
     @property
     def takes_images(self) -> bool:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from modelport.device import CPU, Device
 from modelport.errors import BundleError
 from modelport.runtime import TensorSpec
 
@@ -23,7 +24,9 @@ class OnnxRuntime:
     platform = "onnx_onnxv1"
     pure_compute = True  # time grows with the input, never waits on I/O: tiny models may run inline
 
-    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
+                 device: Device = CPU) -> None:
+        providers = device.onnx_providers()  # a GPU asked for and missing fails here, with what is missing
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
@@ -31,9 +34,10 @@ class OnnxRuntime:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self._session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(os.fspath(model_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for every kind of bad file
             raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {exc}") from None
+        self.device = str(device) if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelport.device import CPU, Device
 from modelport.errors import BundleError
 from modelport.runtime import TensorSpec
 
@@ -36,8 +37,13 @@ _EXAMPLE = __doc__[__doc__.index("    import numpy"):]
 class PythonRuntime:
     platform = "python"
 
-    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
+                 device: Device = CPU) -> None:
         path = Path(model_path)
+        if device.kind == "cuda":  # custom code picks its own device; saying cuda here would be a promise we cannot keep
+            raise BundleError(f"{path}: a Python model chooses its own device; --device {device} applies to onnx "
+                              f"and torch bundles only")
+        self.device = "cpu"
         module_name = f"modelport_user_model_{abs(hash(path.resolve()))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelport.device import CPU, Device
 from modelport.errors import BundleError, MissingExtra
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
 
@@ -44,7 +45,8 @@ class TorchRuntime:
     platform = "pytorch_torchscript"
     pure_compute = True
 
-    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
+                 device: Device = CPU) -> None:
         path = Path(model_path)
         check_torchscript(path)
         try:
@@ -52,11 +54,11 @@ class TorchRuntime:
         except ImportError:
             raise MissingExtra("runtime = \"torch\" needs PyTorch: pip install 'modelport[torch]'") from None
         self._torch = torch
-        _set_threads(torch, threads or os.cpu_count() or 1)
+        self._device = self.device = device.torch_device(torch)  # a GPU asked for and missing fails here        _set_threads(torch, threads or os.cpu_count() or 1)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 points at torch.export
-                self._module = torch.jit.load(str(path), map_location="cpu").eval()
+                self._module = torch.jit.load(str(path), map_location=self._device).eval()
         except Exception as exc:  # torch raises RuntimeError and others for damaged archives
             raise BundleError(f"{path}: PyTorch cannot load it: {str(exc).splitlines()[0]}") from None
         image = bundle.input if bundle is not None else None
@@ -91,7 +93,7 @@ class TorchRuntime:
     def _call(self, array: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            result = self._module(torch.from_numpy(np.ascontiguousarray(array)))
+            result = self._module(torch.from_numpy(np.ascontiguousarray(array)).to(self._device))
         if isinstance(result, torch.Tensor):
             result = (result,)
         if isinstance(result, dict):
@@ -100,7 +102,7 @@ class TorchRuntime:
             raise BundleError(f"forward() returned {len(result) if isinstance(result, (tuple, list)) else 'no'} "
                               f"tensors, but modelport.toml names {len(self._output_names)}: "
                               f"outputs = {self._output_names}")
-        return {n: t.detach().numpy() for n, t in zip(self._output_names, result)}
+        return {n: t.detach().cpu().numpy() for n, t in zip(self._output_names, result)}
 
     def close(self) -> None:
         self._module = None

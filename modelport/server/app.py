@@ -151,7 +151,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, infer_pool,
                         metrics: Metrics) -> ModelService:
     loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(infer_pool, lambda: Model.load(path, name=name, threads=config.runtime_threads))
+    model = await loop.run_in_executor(infer_pool, lambda: Model.load(path, name=name, threads=config.runtime_threads,
+                                                                                 device=config.device))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),

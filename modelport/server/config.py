@@ -37,6 +37,7 @@ class ServerConfig:
     write_timeout_s: float = 30.0  # a client that reads nothing for this long is cut off
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runtime_threads: int | None = None  # None: one per core
+    device: str | None = None  # cpu | cuda[:N] | auto for every model; None: each bundle's [serving] device
     batching: BatchingOverrides = BatchingOverrides()
     settle_s: float = 0.5  # a version directory counts once its files stop changing for this long
     poll_s: float = 1.0  # repository rescan interval, besides file-system events

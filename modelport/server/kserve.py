@@ -65,6 +65,7 @@ async def model_metadata(request: Request) -> Response:
         "inputs": inputs,
         "outputs": [_tensor_meta(o) for o in model.runtime.outputs],
         "parameters": {"labels": len(model.labels), "max_batch_size": service.serving.max_batch_size,
+                       "device": getattr(model.runtime, "device", "cpu"),
                        **({"metadata": _plain(bundle.metadata)} if (bundle := getattr(model, "bundle", None))
                           and bundle.metadata else {})},
     })
