@@ -235,6 +235,9 @@ class Reloader:
                 judge = self._rollout_starter(name, config, serving)
             await self._try_load(name, version, complete[version], before_publish=judge)
             rollout = self.registry.rollouts.get(name)
+        if rollout is not None and rollout.active and rollout.candidate.version not in wanted:
+            rollout.roll_back(f"version {rollout.candidate.version} is no longer wanted (its directory was removed, "
+                              f"or the version policy changed)")
         loaded = self.registry.versions(name)
         # Availability first: until every wanted version is READY, the newest READY version that
         # is no longer wanted keeps serving.

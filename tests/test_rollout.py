@@ -188,7 +188,7 @@ def cost_bundle(directory: Path, cost: str) -> None:
 def test_a_slow_version_is_rolled_back_on_the_latency_rule(tmp_path, pictures):
     repo = tmp_path / "repo"
     cost_bundle(repo / "m" / "1", "0 0.001")
-    write_policy(repo / "m", "shadow_requests = 30\nmax_p99_ratio = 1.5\ncanary_share = 0")
+    write_policy(repo / "m", "shadow_requests = 15\nmax_p99_ratio = 1.5\ncanary_share = 0")
     server = serve(repo, tmp_path)
     try:
         with Traffic(server.url, "m", pictures):
@@ -256,3 +256,25 @@ def test_a_valid_policy_reads_with_defaults(tmp_path):
     policy = read_model_config(tmp_path).rollout
     assert (policy.shadow_requests, policy.canary_share, policy.canary_requests) == (50, 0.2, 100)
     assert (policy.min_agreement, policy.max_error_rate, policy.max_p99_ratio) == (0.97, 0.01, 1.5)
+
+
+def test_a_candidate_whose_directory_goes_away_is_rolled_back_and_nobody_notices(tmp_path, pictures):
+    repo = tmp_path / "repo"
+    make_tiny_bundle(repo / "m" / "1")
+    write_policy(repo / "m", "shadow_requests = 1000000\ncanary_share = 0")
+    server = serve(repo, tmp_path)
+    try:
+        with Traffic(server.url, "m", pictures) as traffic:
+            make_tiny_bundle(repo / "m" / "2")
+            wait_stage(server.url, "m", "shadow")
+            shutil.rmtree(repo / "m" / "2")
+            status = wait_stage(server.url, "m", "rolled_back")
+            start = len(traffic.answers)
+            wait_until(lambda: len(traffic.answers) > start + 10)
+        assert "no longer wanted" in status["reason"]
+        assert all(code == 200 and version == "1" for code, version, _ in traffic.answers)
+        wait_until(lambda: all(e["version"] != "2" for e in httpx.post(
+            server.url + "/v2/repository/index", headers={"authorization": f"Bearer {TOKEN}"}).json()),
+            what="the removed version forgotten")
+    finally:
+        server.stop()
