@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,34 @@ def status(url: str) -> dict:
     return response.json() if response.status_code == 200 else {}
 
 
+class Watch:
+    """The rollout's status, polled in a thread of its own (a blocking poll inside the generator's
+    loop would delay its sends and show up as latency), with when each stage was first seen."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.now: dict = {}
+        self.first_seen: dict[tuple[str, str], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.now = status(self.url)
+            key = (self.now.get("candidate_version"), self.now.get("stage"))
+            self.first_seen.setdefault(key, time.monotonic())
+            time.sleep(0.1)
+
+    def stage(self, version: str) -> str | None:
+        now = self.now
+        return now.get("stage") if now.get("candidate_version") == version else None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def p99(latencies) -> float:
     return float(np.percentile(np.array(latencies), 99)) * 1000
 
@@ -123,63 +152,52 @@ def main() -> None:
             print(f"baseline: {len(base.answers)} requests at {args.rate:g}/s, p99 {base_p99:.1f} ms", flush=True)
 
             # 2. a good version: shadow -> canary -> promoted
+            watch = Watch(server.url)
+            start = time.monotonic()
             publish(source, repo / "m" / "2")
-            marks: dict[str, float] = {}
-
-            def until_promoted() -> bool:
-                stage = status(server.url).get("stage")
-                if stage and stage not in marks:
-                    marks[stage] = time.monotonic()
-                return stage in ("promoted", "rolled_back") or time.monotonic() - marks.get("start", 1e18) > 600
-
-            marks["start"] = time.monotonic()
-            good = run_users(server.url, photos, args.rate, until_promoted)
+            good = run_users(server.url, photos, args.rate, lambda: watch.stage("2") in ("promoted", "rolled_back")
+                             or time.monotonic() - start > 900)
             final = status(server.url)
-            in_shadow = [lat for sent, lat, code, *_ in good.answers
-                         if code == 200 and marks.get("shadow", 0) <= sent < marks.get("canary", 1e18)]
+            seen = watch.first_seen
+            shadow_from, shadow_to = seen.get(("2", "shadow"), 0), seen.get(("2", "canary"), 1e18)
+            in_shadow = [lat for sent, lat, code, *_ in good.answers if code == 200 and shadow_from <= sent < shadow_to]
             errors = sum(code != 200 for _, _, code, *_ in good.answers)
             ratio = p99(in_shadow) / base_p99 if len(in_shadow) > 50 else float("nan")
-            print(f"good version: {final['stage']} after {marks.get(final['stage'], 0) - marks['start']:.1f} s "
-                  f"({final['reason']}); {errors} errors in {len(good.answers)} requests; p99 in shadow "
-                  f"{p99(in_shadow):.1f} ms = {ratio:.2f} x baseline (target <= 1.1); shadow dropped "
-                  f"{final['shadow']['dropped']} copies (busy)", flush=True)
+            print(f"good version: {final['stage']} after {time.monotonic() - start:.1f} s ({final['reason']}); "
+                  f"{errors} errors in {len(good.answers)} requests; p99 in shadow ({len(in_shadow)} requests over "
+                  f"{min(shadow_to, time.monotonic()) - shadow_from:.0f} s) {p99(in_shadow):.1f} ms = {ratio:.2f} x "
+                  f"baseline (target <= 1.1); {final['shadow']['dropped']} copies not made (busy or over the "
+                  f"budget)", flush=True)
             wait_until(lambda: httpx.get(server.url + "/v2/models/m/versions/1/ready").status_code != 200, 30)
 
             # 3. a bad version, shadow on
-            publish(source, repo / "m" / "3", shuffle_labels=True)
             start = time.monotonic()
-            time.sleep(0.05)
+            publish(source, repo / "m" / "3", shuffle_labels=True)
             bad = run_users(server.url, photos, args.rate,
-                            lambda: status(server.url).get("candidate_version") == "3"
-                            and status(server.url).get("stage") == "rolled_back" or time.monotonic() - start > 600)
+                            lambda: watch.stage("3") == "rolled_back" or time.monotonic() - start > 600)
             final = status(server.url)
-            seen = sum(version == "3" for _, _, _, version, *_ in bad.answers)
+            seen_by_users = sum(version == "3" for _, _, _, version, *_ in bad.answers)
             wrong = sum(code == 200 and label != truth.get(photo, label) for _, _, code, _, label, photo in bad.answers)
             print(f"bad version, shadow on: {final['stage']} after {time.monotonic() - start:.1f} s "
-                  f"({final['reason']}); answers from it {seen}, wrong answers {wrong} of {len(bad.answers)} "
+                  f"({final['reason']}); answers from it {seen_by_users}, wrong answers {wrong} of {len(bad.answers)} "
                   f"(target 0)", flush=True)
 
             # 4. a bad version, shadow off, canary 10 %
             (repo / "m" / "model.toml").write_text("[rollout]\n" + CANARY_ONLY)
             time.sleep(1.5)  # the reloader reads model.toml on its next sync
-            publish(source, repo / "m" / "4", shuffle_labels=True)
             start = time.monotonic()
-            marks = {}
-
-            def until_judged() -> bool:
-                now = status(server.url)
-                if now.get("candidate_version") == "4" and "begin" not in marks:
-                    marks["begin"] = time.monotonic()
-                return now.get("candidate_version") == "4" and now.get("stage") == "rolled_back" \
-                    or time.monotonic() - start > 600
-
-            canary = run_users(server.url, photos, args.rate, until_judged)
+            publish(source, repo / "m" / "4", shuffle_labels=True)
+            canary = run_users(server.url, photos, args.rate,
+                               lambda: watch.stage("4") == "rolled_back" or time.monotonic() - start > 600)
             final = status(server.url)
-            seen = sum(version == "4" for _, _, _, version, *_ in canary.answers)
-            window = sum(sent >= marks.get("begin", start) for sent, *_ in canary.answers)
-            print(f"bad version, canary 10 %: {final['stage']} ({final['reason']}); users who saw it {seen} of "
-                  f"{window} requests in the judged window: {seen / max(1, 0.1 * window):.2f} x (canary share x "
-                  f"window) (target <= 1); {final['canary']['compared']} canary answers compared", flush=True)
+            watch.close()
+            begin = watch.first_seen.get(("4", "canary"), start)
+            seen_by_users = sum(version == "4" for _, _, _, version, *_ in canary.answers)
+            window = sum(sent >= begin for sent, *_ in canary.answers)
+            print(f"bad version, canary 10 %: {final['stage']} ({final['reason']}); users who saw it "
+                  f"{seen_by_users} of {window} requests in the window it was judged over: "
+                  f"{seen_by_users / max(1, 0.1 * window):.2f} x (canary share x window) (target <= 1); "
+                  f"{final['canary']['compared']} canary answers compared", flush=True)
         finally:
             server.stop()
             shutil.rmtree(repo, ignore_errors=True)

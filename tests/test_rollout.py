@@ -192,7 +192,7 @@ def test_a_slow_version_is_rolled_back_on_the_latency_rule(tmp_path, pictures):
     server = serve(repo, tmp_path)
     try:
         with Traffic(server.url, "m", pictures):
-            cost_bundle(repo / "m" / "2", "0 0.030")  # thirty times slower, same answers
+            cost_bundle(repo / "m" / "2", "0 0.015")  # fifteen times slower, same answers
             status = wait_stage(server.url, "m", "rolled_back", 60)
         assert status["shadow"]["agreement"] == 1.0
         assert "compute time" in status["reason"] and "max_p99_ratio 1.5" in status["reason"]
