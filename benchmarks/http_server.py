@@ -61,6 +61,29 @@ def multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def pipeline_ceiling(model: Model, datas: list[bytes]) -> dict[str, float]:
+    """What the server's own pipeline could reach on this machine: ORT's wall time per image at its
+    best batch size (its threads fill every core), and the server's decode CPU time per image, run
+    on the core time ORT leaves: images/s = cores / (cores * t_ort + t_decode)."""
+    cores = os.cpu_count() or 1
+    start = time.process_time()
+    crops = [model.decode(d) for d in datas * 2]
+    decode_s = (time.process_time() - start) / len(crops)
+    best = None
+    for batch in (1, 2, 4, 8, 16):
+        arrays = [np.stack(crops[i:i + batch]) for i in range(0, len(crops) - batch + 1, batch)]
+        model.predict(arrays[0])
+        start = time.perf_counter()
+        for array in arrays:
+            model.predict(array)
+        per_image = (time.perf_counter() - start) / (len(arrays) * batch)
+        if best is None or per_image < best[1]:
+            best = (batch, per_image)
+    images_per_s = cores / (cores * best[1] + decode_s)
+    return {"best_batch": best[0], "ort_ms": best[1] * 1000, "decode_ms": decode_s * 1000,
+            "images_per_s": images_per_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=600, help="requests per concurrency level")
@@ -82,6 +105,7 @@ def main() -> None:
         limit, _ = naive.throughput([datas[i % len(datas)] for i in range(400)])
         limit_lat = naive.latency_s(datas)
         ceiling = naive.ort_ceiling([datas[i % len(datas)] for i in range(400)])
+        pipeline_before = pipeline_ceiling(Model.load(served), datas)
         expected = [preds[0].label for preds in Model.load(served).classify(datas, 1)]
 
         requests = []
@@ -105,6 +129,8 @@ def main() -> None:
         limit_before, ceiling_before = limit, ceiling
         limit, ceiling = (limit + limit_after) / 2, (ceiling + ceiling_after) / 2
         limit_lat = (limit_lat + naive.latency_s(datas)) / 2
+        pipeline_after = pipeline_ceiling(Model.load(served), datas)
+        pipeline = {k: (pipeline_before[k] + pipeline_after[k]) / 2 for k in pipeline_before}
 
         # The trivial model: HTTP, routing, JSON and batching cost with no image work.
         sys_tests = Path(__file__).parent.parent / "tests"
@@ -136,6 +162,13 @@ def main() -> None:
         print(f"C={c:<3d} throughput {r.throughput:7.1f} img/s = {r.throughput / limit:.2f} x L (target >= {targets[c]})"
               f"   p50 {r.p50 * 1000:6.2f} ms  p99 {r.percentile(99) * 1000:6.2f} ms"
               f"   = {r.throughput / ceiling:.2f} x ORT-alone   errors {r.errors}  wrong labels {r.wrong}")
+    print(f"pipeline ceiling (issue 13 part 4): ORT alone on decoded crops at its best batch "
+          f"({pipeline['best_batch']:.0f}) {pipeline['ort_ms']:.2f} ms/img wall on {os.cpu_count()} cores, plus the "
+          f"server's decode {pipeline['decode_ms']:.2f} ms/img of one core on the remaining core time: "
+          f"{pipeline['images_per_s']:.1f} img/s")
+    for c in (8, 32):
+        print(f"  C={c:<3d} server / pipeline ceiling = {results[c].throughput / pipeline['images_per_s']:.2f} "
+              f"(target >= 0.9)")
     c1 = results[1]
     print(f"C=1 p50 / L_lat = {c1.p50 / limit_lat:.2f} (target <= 0.7)   p99 / L_lat = "
           f"{c1.percentile(99) / limit_lat:.2f} (target <= 1.0)")
