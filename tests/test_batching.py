@@ -204,3 +204,20 @@ async def test_run_now_is_skipped_while_a_batch_runs_and_may_decline():
     assert await asyncio.gather(first, second) == [10, 20]
     assert declined == [[1]]  # asked once, when idle; declined; the worker ran both
     await b.close()
+
+
+async def test_concurrent_batches_run_side_by_side_and_close_waits_for_them():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=2, max_concurrent_batches=2)
+    first = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
+    await runtime.started.wait()
+    more = [asyncio.ensure_future(b.submit(i)) for i in range(2, 7)]
+    await asyncio.sleep(0.01)
+    # Two batches at the runtime at once, no third: the rest wait for a free slot.
+    assert [len(x) for x in runtime.batches] == [2, 2] and b.busy and b.queued == 3
+    closing = asyncio.ensure_future(b.close())
+    runtime.gate.set()
+    assert await asyncio.gather(*first, *more) == [i * 10 for i in range(7)]
+    await closing
+    assert sorted(len(x) for x in runtime.batches) == [1, 2, 2, 2] and not b.busy

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.memory import trim_when_idle
+from modelport.bundle import load_bundle
 from modelport.model import Model
 from modelport.server import demo, kserve, rollouts, tfserving, upload
 from modelport.server.config import ServerConfig
@@ -151,9 +153,12 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, infer_pool,
                         metrics: Metrics) -> ModelService:
     loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(infer_pool, lambda: Model.load(path, name=name, threads=config.runtime_threads,
-                                                                                 device=config.device))
+    bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
+    batches = overrides.get("concurrent_batches", bundle.serving.concurrent_batches)
+    # Concurrent batches share the cores: each runs on its share of them, unless told otherwise.
+    threads = config.runtime_threads or (max(1, (os.cpu_count() or 1) // batches) if batches > 1 else None)
+    model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=threads, device=config.device))
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,

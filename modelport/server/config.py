@@ -19,6 +19,7 @@ class BatchingOverrides:
     max_delay_ms: float | None = None
     max_queue_size: int | None = None
     latency_slo_ms: float | None = None
+    concurrent_batches: int | None = None
 
 
 @dataclass(frozen=True)
