@@ -69,8 +69,8 @@ class Serving:
     # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
     latency_slo_ms: float | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto; `serve --device` overrides it
-    # Batches run at once, each on cores / this many runtime threads (ORT sessions take concurrent
-    # runs): measured 1.15 x the throughput of one batch on every core when decoding shares the cores.
+    # Batches run at once. Above 1, a batch that starts beside another runs on a second runtime
+    # session of cores / N threads (a lone batch keeps every core): 1.12-1.15 x under load on 2 cores.
     concurrent_batches: int = 1
 
 

@@ -30,6 +30,7 @@ class Model:
         self.device = Device.parse(device or bundle.serving.device)
         self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads, bundle=bundle,
                                                      device=self.device)
+        self.concurrent_runtime = None
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()
@@ -64,7 +65,16 @@ class Model:
         """(N, H, W, 3) uint8 crops -> raw outputs; layout and normalisation once for the batch."""
         return self.run({self.input.name: imaging.to_model_input(images, self.spec)}, output_names)
 
-    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    def add_concurrent_runtime(self, threads: int) -> None:
+        """A second runtime with fewer threads, for batches that run beside another one (a batch
+        that runs alone keeps every thread: see ``serving.concurrent_batches``)."""
+        self.concurrent_runtime = runtime_class(self.bundle.runtime)(
+            self.bundle.model_file, threads=threads, bundle=self.bundle, device=self.device)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None, *,
+            concurrent: bool = False) -> dict[str, np.ndarray]:
+        if concurrent and self.concurrent_runtime is not None:
+            return self.concurrent_runtime.run(feeds, output_names)
         """Raw tensors in, raw tensors out."""
         return self.runtime.run(feeds, output_names)
 
@@ -103,6 +113,8 @@ class Model:
 
     def close(self) -> None:
         self.runtime.close()
+        if self.concurrent_runtime is not None:
+            self.concurrent_runtime.close()
 
     def _pick(self, specs: list[TensorSpec], name: str | None, what: str) -> TensorSpec:
         if name is None:

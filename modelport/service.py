@@ -286,14 +286,16 @@ class ModelService:
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
             item.started = True
+        concurrent = len(self.batcher._running) > 1  # another batch is at the runtime: use the thinner one
         if self._fast():
             outputs = self._run_sync(items)
         else:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items,
+                                                                       concurrent)
         self._observe_run(items, started)
         return outputs
 
-    def _run_sync(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
+    def _run_sync(self, items: Sequence[_Item], concurrent: bool = False) -> list[dict[str, np.ndarray]]:
         # Crops are normalised together, once per batch; graph-ready tensors go in as they are.
         order = [i for i, item in enumerate(items) if item.is_crop] + [i for i, item in enumerate(items) if not item.is_crop]
         parts = []
@@ -302,7 +304,7 @@ class ModelService:
             parts.append(to_model_input(np.concatenate(crops), self.model.spec))
         parts.extend(items[i].array for i in order if not items[i].is_crop)
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        outputs = self.model.run({self.model.input.name: batch}, self.output_names)
+        outputs = self.model.run({self.model.input.name: batch}, self.output_names, concurrent=concurrent)
         results: list[dict[str, np.ndarray] | None] = [None] * len(items)
         row = 0
         for i in order:

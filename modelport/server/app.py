@@ -156,9 +156,12 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
     batches = overrides.get("concurrent_batches", bundle.serving.concurrent_batches)
-    # Concurrent batches share the cores: each runs on its share of them, unless told otherwise.
-    threads = config.runtime_threads or (max(1, (os.cpu_count() or 1) // batches) if batches > 1 else None)
-    model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=threads, device=config.device))
+    model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=config.runtime_threads,
+                                                                 device=config.device))
+    if batches > 1 and config.runtime_threads is None:
+        # A batch alone keeps every core; batches side by side each run on their share of them.
+        threads = max(1, (os.cpu_count() or 1) // batches)
+        await loop.run_in_executor(infer_pool, model.add_concurrent_runtime, threads)
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,
