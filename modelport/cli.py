@@ -780,22 +780,17 @@ def rollout_status(model: str, url: str, as_json: bool) -> None:
     _print_rollout(_rollout_call("GET", url, model, ""), as_json)
 
 
-@rollout.command("promote")
-@click.argument("model")
-@_server_option
-@_token_option
-def rollout_promote(model: str, url: str, admin_token: str) -> None:
-    """Promote MODEL's candidate version now, skipping what is left of its judgement."""
-    _print_rollout(_rollout_call("POST", url, model, "promote", admin_token), False)
+def _rollout_decision(action: str, summary: str) -> None:
+    @rollout.command(action, help=summary)
+    @click.argument("model")
+    @_server_option
+    @_token_option
+    def decide(model: str, url: str, admin_token: str) -> None:
+        _print_rollout(_rollout_call("POST", url, model, action, admin_token), False)
 
 
-@rollout.command("abort")
-@click.argument("model")
-@_server_option
-@_token_option
-def rollout_abort(model: str, url: str, admin_token: str) -> None:
-    """Roll MODEL's candidate version back now."""
-    _print_rollout(_rollout_call("POST", url, model, "abort", admin_token), False)
+_rollout_decision("promote", "Promote MODEL's candidate version now, skipping what is left of its judgement.")
+_rollout_decision("abort", "Roll MODEL's candidate version back now.")
 
 
 def _rollout_call(method: str, url: str, model: str, action: str, token: str | None = None) -> dict:

@@ -5,7 +5,10 @@ the field."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -224,8 +227,17 @@ def test_manual_promote_and_abort_need_the_token(tmp_path, pictures):
             wait_stage(server.url, "m", "shadow")
             abort = server.url + "/v2/repository/models/m/rollout/abort"
             assert httpx.post(abort).status_code == 401
-            response = httpx.post(abort, headers={"authorization": f"Bearer {TOKEN}"})
-            assert response.status_code == 200 and response.json()["stage"] == "rolled_back"
+            # The CLI, as an operator would: a wrong token is refused with exit status 1, the right one works.
+            cli = [sys.executable, "-m", "modelport", "rollout"]
+            refused = subprocess.run([*cli, "abort", str(repo / "m"), "--url", server.url, "--admin-token", "wrong"],
+                                     capture_output=True, text=True)
+            assert refused.returncode != 0 and "token" in refused.stderr
+            done = subprocess.run([*cli, "abort", "m", "--url", server.url, "--admin-token", TOKEN],
+                                  capture_output=True, text=True)
+            assert done.returncode == 0 and "rolled back (aborted by the management API)" in done.stdout
+            shown = subprocess.run([*cli, "status", str(repo / "m"), "--url", server.url, "--json"],
+                                   capture_output=True, text=True)
+            assert json.loads(shown.stdout)["stage"] == "rolled_back"
             # Nothing left to abort: a clear 404, not a 500.
             again = httpx.post(abort, headers={"authorization": f"Bearer {TOKEN}"})
             assert again.status_code == 404 and "no rollout in progress" in again.json()["error"]
