@@ -141,7 +141,8 @@ def test_without_shadow_the_canary_catches_a_bad_version_within_a_few_answers(tm
         assert "canary answers compared" in status["reason"]
         bad = [a for a in traffic.since(start) if a[1] == "2"]
         # It answered some users (that is what a canary is), far fewer than its 200 planned answers.
-        assert 1 <= len(bad) <= 40 and status["canary"]["answers"] == len(bad)
+        # (one already on its way to version 2 when it was rolled back is answered, not counted)
+        assert 1 <= len(bad) <= 40 and status["canary"]["answers"] in (len(bad), len(bad) - 1)
         assert len(bad) <= 0.2 * (end - start) + 10
         assert {a[1] for a in traffic.answers[end + 2:]} == {"1"}  # (one may have been on its way)
     finally:
