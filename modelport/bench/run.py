@@ -41,6 +41,9 @@ class Run:
     unsent: int = 0  # planned but never sent: the generator could not keep up (open loop)
 
 
+_SPIN_S = 0.0015
+
+
 async def open_loop(target, requests: Sequence, rate: float, duration_s: float, *, arrivals: str = "poisson",
                     seed: int = 0, max_in_flight: int = 10_000) -> Run:
     if arrivals == "constant":  # k / rate, not a running sum: no drift from adding up 1 / rate
@@ -57,8 +60,12 @@ async def open_loop(target, requests: Sequence, rate: float, duration_s: float, 
     start = loop.time()
     for i, at in enumerate(planned):
         delay = start + at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if delay > _SPIN_S:
+            await asyncio.sleep(delay - _SPIN_S)
+        # The event loop's poll waits whole milliseconds (a sleep ends up to 1 ms late): the last
+        # stretch is spent yielding, so requests leave on time and responses are still read.
+        while loop.time() < start + at:
+            await asyncio.sleep(0)
         if len(in_flight) >= max_in_flight:
             run.unsent += 1
             continue
