@@ -81,6 +81,11 @@ class Batcher(Generic[T, R]):
         return bool(self._running)
 
     @property
+    def running(self) -> int:
+        """Batches at the runtime now."""
+        return len(self._running)
+
+    @property
     def queued(self) -> int:
         return len(self._queue)
 
@@ -107,6 +112,7 @@ class Batcher(Generic[T, R]):
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
         now = time.monotonic()
         self.planner.refuse_late(now=now, arrived=now if arrived is None else arrived, deadline=deadline, rows=rows,
+                                 queued_rows=self._queued_rows,
                                  queue=((e.arrived, e.rows) for e in self._queue), expected=self._expected,
                                  running_left_s=self._running_left(now), preparing=preparing)
 

@@ -286,7 +286,7 @@ class ModelService:
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
             item.started = True
-        concurrent = len(self.batcher._running) > 1  # another batch is at the runtime: use the thinner one
+        concurrent = self.batcher.running > 1  # another batch is at the runtime: use the thinner session
         if self._fast():
             outputs = self._run_sync(items)
         else:

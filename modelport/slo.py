@@ -130,7 +130,7 @@ class Planner:
         run in the next, within the SLO."""
         return self._fits((self.target_s - self._prep_s) / 2)
 
-    def refuse_late(self, *, now: float, arrived: float, deadline: float | None, rows: int,
+    def refuse_late(self, *, now: float, arrived: float, deadline: float | None, rows: int, queued_rows: int,
                     queue: Iterable[tuple[float, int]], expected: int, running_left_s: float,
                     preparing: bool) -> None:
         """Raise ``Overloaded`` if this request would finish past its SLO or its deadline.
@@ -141,11 +141,18 @@ class Planner:
         """
         if self.slo_s is None and deadline is None:
             return
-        ahead = [*queue, *((now, 1) for _ in range(expected))]
-        if not ahead and not running_left_s:
+        if not queued_rows and not expected and not running_left_s:
             # Nothing ahead: refusing could not help it, and a server that refused everything
             # would never run the batches that correct its estimates.
             return
+        # Every request has a deadline (the server's default timeout): settle the usual case in
+        # O(1) with a bound (every row in a batch of its own, the slowest way) before playing out
+        # the queue.
+        worst = (now + max(running_left_s, self._prep_s if preparing else 0.0)
+                 + (queued_rows + expected + rows) * self.cost.predict(1))
+        if (self.slo_s is None or worst <= arrived + self.target_s) and (deadline is None or worst <= deadline):
+            return
+        ahead = [*queue, *((now, 1) for _ in range(expected))]
         clock = now + running_left_s
         ahead.append((arrived, rows))
         if preparing and self._prep_s > clock - now:
