@@ -205,3 +205,53 @@ def test_sync_client_over_zmq_gets_right_answers(cluster):
         reply = client.infer("tiny", {"image": TENSOR})
         assert client.ping()
     assert np.allclose(reply["logits"], expected_logits(TENSOR, weights), atol=1e-4)
+
+
+def test_p95_hedging_waits_for_the_other_workers_not_for_the_slow_one(cluster, tmp_path):
+    """One worker ten times slower than the other: its answers are more than 5 % of all, so the
+    overall p95 is its latency; hedging at the p95 of the *other* worker still cuts that tail."""
+    from modelport.bundle import write_config
+    from test_slo import COST_MODEL
+
+    repos = {}
+    for name, seconds in (("fast", 0.02), ("slow", 0.2)):
+        bundle = tmp_path / name / "cost" / "1"
+        bundle.mkdir(parents=True)
+        (bundle / "model.py").write_text(COST_MODEL)
+        (bundle / "labels.txt").write_text("dark\nbright\n")
+        (bundle / "cost").write_text(f"{seconds} 0")
+        write_config(bundle, {"format": 1, "runtime": "python", "model_file": "model.py",
+                              "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8",
+                                        "layout": "NHWC"},
+                              "output": {"name": "logits", "kind": "logits"},
+                              "serving": {"max_batch_size": 1, "max_delay_ms": 0}})
+        repos[name] = tmp_path / name
+    cluster.start_worker(repo=repos["fast"])
+    cluster.start_worker(repo=repos["slow"])
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+
+    async def run(hedge_after_ms) -> tuple[list[float], object]:
+        async with AsyncClient(cluster.url, hedge_after_ms=hedge_after_ms, timeout_s=20) as client:
+            for _ in range(30):  # warm: both workers' latencies known
+                await client.infer("cost", {"image": pixels})
+            times: list[float] = []
+            stop = time.monotonic() + 4
+
+            async def one() -> None:
+                while time.monotonic() < stop:
+                    start = time.monotonic()
+                    await client.infer("cost", {"image": pixels})
+                    times.append(time.monotonic() - start)
+
+            await asyncio.gather(one(), one())
+            return times, client.discovery
+
+    def p99(values: list[float]) -> float:
+        return sorted(values)[int(0.99 * (len(values) - 1))]
+
+    plain, _ = asyncio.run(run(None))
+    hedged, discovery = asyncio.run(run("p95"))
+    assert p99(plain) > 0.15  # the slow worker's answers are in the tail without hedging
+    assert p99(hedged) <= 0.5 * p99(plain), (p99(hedged), p99(plain))
+    assert discovery.stats["hedges"] <= 0.15 * discovery.stats["requests"], discovery.stats
+    assert discovery.stats["hedges_won"] >= 1

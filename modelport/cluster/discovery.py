@@ -15,7 +15,7 @@ etcd outage); step two, call one of them with the ordinary single-address client
   budget (``retry_ratio`` extra requests over a 10 s window, plus a small floor); an error that
   came from the model (400, 404, 500, deadline) is returned as it is.
 - **Hedging** (off unless ``hedge_after_ms``): if the first attempt has not answered after a delay
-  (fixed, or "p95" of the latencies seen), a second copy goes to another worker; the first answer
+  (fixed, or "p95": the p95 of the other workers' latencies), a second copy goes to another worker; the first answer
   wins and the other attempt is cancelled (over HTTP its connection is closed, so a queued request
   is never computed). Hedges are paid from the same budget.
 """
@@ -27,6 +27,7 @@ import collections
 import logging
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
@@ -52,6 +53,24 @@ class Endpoint:
     last_sent: float = field(default_factory=time.monotonic)
     attempts: set = field(default_factory=set)
     gone: bool = False
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    _p95: tuple[int, float] = (-1, 0.0)  # (samples seen when computed, p95), refreshed every 16 samples
+    _samples: int = 0
+
+    def record(self, latency_s: float) -> None:
+        self.latencies.append(latency_s)
+        self._samples += 1
+
+    def p95(self) -> float | None:
+        """This worker's own p95 (None until it has answered 20 times), computed every 16 answers."""
+        if len(self.latencies) < 20:
+            return None
+        seen, value = self._p95
+        if seen < 0 or self._samples - seen >= 16:
+            ordered = sorted(self.latencies)
+            value = ordered[int(0.95 * (len(ordered) - 1))]
+            self._p95 = (self._samples, value)
+        return value
 
     def observe(self, latency_s: float, tau_s: float) -> None:
         """Peak EWMA: jump up to a slower sample at once, decay towards faster ones."""
@@ -250,7 +269,7 @@ class Discovery:
     async def _hedged(self, first: Endpoint, model: str, version, op, tried: set[str]):
         tried.add(first.member.id)
         one = asyncio.ensure_future(self._attempt(first, op))
-        delay_s = self._hedge_delay_s()
+        delay_s = self._hedge_delay_s(first, model, version)
         try:
             if delay_s is None:
                 return await one
@@ -293,12 +312,14 @@ class Discovery:
         except asyncio.CancelledError:
             if endpoint.gone:
                 raise WorkerGone(f"worker {endpoint.member.id} left the registry during the request") from None
-            # A hedge's loser: its latency is at least this long, which is worth knowing. It counts
-            # in the p95 too: leaving the slow attempts out would lower the p95, hedge earlier, and
-            # spiral into hedging most requests.
-            elapsed = time.monotonic() - start
+            # A hedge's loser: its latency is at least this long, and no shorter than the worker's
+            # usual (a lower bound is not a sample: taken as one, a slow worker whose requests are
+            # always hedged would look as fast as the hedge delay). It counts in the p95 too:
+            # leaving the slow attempts out would lower the p95, hedge earlier, and spiral into
+            # hedging most requests.
+            elapsed = max(time.monotonic() - start, endpoint.ewma_s)
             endpoint.observe(elapsed, self.tau_s)
-            self._record(elapsed)
+            self._record(endpoint, elapsed)
             raise
         except Exception as exc:
             if _retryable(exc):
@@ -309,19 +330,34 @@ class Discovery:
             endpoint.attempts.discard(asyncio.current_task())
         elapsed = time.monotonic() - start
         endpoint.observe(elapsed, self.tau_s)
-        self._record(elapsed)
+        self._record(endpoint, elapsed)
         return result
 
-    def _hedge_delay_s(self) -> float | None:
+    def _hedge_delay_s(self, first: Endpoint, model: str, version) -> float | None:
+        """A fixed delay, or "p95": the p95 of the workers a hedge could go to, not of this one.
+
+        The hedge is worth sending once this attempt has waited longer than another worker would
+        take: with every worker alike that is the usual p95, but when one worker is slower than the
+        rest, its own answers make the overall p95 (once they are over 5 % of all), and a hedge at
+        that p95 would come too late for exactly the requests that need it.
+        """
         if self.hedge_after_ms is None:
             return None
-        if self.hedge_after_ms == "p95":
-            if len(self._latencies) < 20:
-                return None  # not enough answers yet to know the tail
-            return self._quantile()[1]
-        return self.hedge_after_ms / 1000
+        if self.hedge_after_ms != "p95":
+            return self.hedge_after_ms / 1000
+        if len(self._latencies) < 20:
+            return None  # not enough answers yet to know the tail
+        others = []
+        for member in self.candidates(model, version):
+            endpoint = self.endpoints.get(member.id)
+            if endpoint is not None and endpoint is not first and not endpoint.gone:
+                p95 = endpoint.p95()
+                if p95 is not None:
+                    others.append(p95)
+        return statistics.median(others) if others else self._quantile()[1]
 
-    def _record(self, latency_s: float) -> None:
+    def _record(self, endpoint: Endpoint, latency_s: float) -> None:
+        endpoint.record(latency_s)
         self._latencies.append(latency_s)
         self._samples += 1
 
