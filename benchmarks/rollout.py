@@ -5,9 +5,12 @@
 One `modelport serve` over a repository holding the default model as `m`, with a [rollout] policy.
 Users are an open-loop Poisson stream of photo uploads at --rate; every answer's version and label
 is kept, and a label is "wrong" when it differs from what version 1 answers for that photo.
-1. baseline: p99 with no rollout;
-2. a good version (the same files) arrives: shadow -> canary -> promoted; errors, and p99 while in
-   shadow / the baseline's p99 (target <= 1.1);
+1. p99 of user requests while a version is in shadow / p99 with no rollout (target <= 1.1), in
+   interleaved windows (--rounds pairs of --seconds each: no rollout, then a version in a shadow
+   stage that never ends, aborted after its window): the machine's drift over minutes (+-20 % on
+   these shared machines) lands on both sides alike, which one window of each does not give;
+2. a good version (the same files) arrives: shadow -> canary -> promoted; errors (target 0), and
+   the same p99 ratio over its single shadow window against the first baseline (informative);
 3. a bad version (labels file shuffled), shadow on: rolled back in shadow; user-visible wrong
    answers (target 0);
 4. a bad version, shadow off, canary 10 %: the users who saw it / (canary share x requests in the
@@ -37,6 +40,8 @@ from servers import Server, wait_until  # noqa: E402
 
 from modelport import default_model  # noqa: E402
 
+TOKEN = "rollout-bench"
+ENDLESS_SHADOW = "shadow_requests = 1000000\ncanary_share = 0\n"
 SHADOW_POLICY = "shadow_requests = 300\nmin_agreement = 0.97\ncanary_share = 0.1\ncanary_requests = 300\n"
 CANARY_ONLY = "shadow_requests = 0\nmin_agreement = 0.97\ncanary_share = 0.1\ncanary_requests = 300\n"
 
@@ -126,13 +131,18 @@ class Watch:
 
 
 def p99(latencies) -> float:
-    return float(np.percentile(np.array(latencies), 99)) * 1000
+    return quantile_ms(latencies, 99)
+
+
+def quantile_ms(latencies, q: float) -> float:
+    return float(np.percentile(np.array(latencies), q)) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=30)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=20, help="per window")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs of windows for the p99 ratio")
     args = parser.parse_args()
     source = default_model.ensure_default_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,42 +151,80 @@ def main() -> None:
         repo = tmp / "repo"
         (repo / "m").mkdir(parents=True)
         publish(source, repo / "m" / "1")
-        (repo / "m" / "model.toml").write_text("[rollout]\n" + SHADOW_POLICY)
-        server = Server(str(repo), "--log-level", "warning", log=tmp / "server.log").wait_ready(120)
+        (repo / "m" / "model.toml").write_text("[rollout]\n" + ENDLESS_SHADOW)
+        server = Server(str(repo), "--log-level", "warning", "--admin-token", TOKEN,
+                        log=tmp / "server.log").wait_ready(120)
+        watch = Watch(server.url)
         try:
-            # 1. baseline, and what version 1 answers for each photo
-            end = time.monotonic() + args.seconds
-            base = run_users(server.url, photos, args.rate, lambda: time.monotonic() > end)
-            truth = {photo: label for _, _, code, _, label, photo in base.answers if code == 200}
-            base_p99 = p99([lat for _, lat, code, *_ in base.answers if code == 200])
-            print(f"baseline: {len(base.answers)} requests at {args.rate:g}/s, p99 {base_p99:.1f} ms", flush=True)
+            def window() -> Users:
+                end = time.monotonic() + args.seconds
+                return run_users(server.url, photos, args.rate, lambda: time.monotonic() > end)
+
+            def ok_latencies(users: Users) -> list[float]:
+                return [lat for _, lat, code, *_ in users.answers if code == 200]
+
+            # 1. p99 with a version in shadow / without a rollout, interleaved windows
+            window()  # warm: the first seconds after start are slower than any later ones
+            base, truth, pooled = None, {}, {"none": [], "shadow": []}
+            version = 1
+            for round_ in range(args.rounds):
+                plain = window()
+                base = base or plain
+                truth.update({photo: label for _, _, code, _, label, photo in plain.answers if code == 200})
+                version += 1
+                publish(source, repo / "m" / str(version))
+                wait_until(lambda: watch.stage(str(version)) == "shadow", 120, what="shadow")
+                shadowed = window()
+                copies = status(server.url)["shadow"]
+                httpx.post(f"{server.url}/v2/repository/models/m/rollout/abort",
+                           headers={"authorization": f"Bearer {TOKEN}"}).raise_for_status()
+                wait_until(lambda: watch.stage(str(version)) == "rolled_back", 30, what="aborted")
+                pooled["none"] += ok_latencies(plain)
+                pooled["shadow"] += ok_latencies(shadowed)
+                print(f"round {round_ + 1}: p99 {p99(ok_latencies(shadowed)):.1f} ms in shadow / "
+                      f"{p99(ok_latencies(plain)):.1f} ms without = "
+                      f"{p99(ok_latencies(shadowed)) / p99(ok_latencies(plain)):.2f}; {copies['compared']} copies "
+                      f"compared, {copies['dropped']} not made", flush=True)
+            ratio = p99(pooled["shadow"]) / p99(pooled["none"])
+            print(f"p99 of user requests in shadow / without a rollout, {args.rounds} interleaved pairs of "
+                  f"{args.seconds:g} s windows at {args.rate:g} req/s: {p99(pooled['shadow']):.1f} / "
+                  f"{p99(pooled['none']):.1f} ms = {ratio:.2f} (target <= 1.1); p50 "
+                  f"{quantile_ms(pooled['shadow'], 50) / quantile_ms(pooled['none'], 50):.2f}, p90 "
+                  f"{quantile_ms(pooled['shadow'], 90) / quantile_ms(pooled['none'], 90):.2f}", flush=True)
+            base_p99 = p99(ok_latencies(base))
 
             # 2. a good version: shadow -> canary -> promoted
-            watch = Watch(server.url)
+            (repo / "m" / "model.toml").write_text("[rollout]\n" + SHADOW_POLICY)
+            time.sleep(1.5)  # the reloader reads model.toml on its next sync
             start = time.monotonic()
-            publish(source, repo / "m" / "2")
-            good = run_users(server.url, photos, args.rate, lambda: watch.stage("2") in ("promoted", "rolled_back")
+            version += 1
+            good_version = str(version)
+            publish(source, repo / "m" / good_version)
+            good = run_users(server.url, photos, args.rate,
+                             lambda: watch.stage(good_version) in ("promoted", "rolled_back")
                              or time.monotonic() - start > 900)
             final = status(server.url)
             seen = watch.first_seen
-            shadow_from, shadow_to = seen.get(("2", "shadow"), 0), seen.get(("2", "canary"), 1e18)
+            shadow_from, shadow_to = seen.get((good_version, "shadow"), 0), seen.get((good_version, "canary"), 1e18)
             in_shadow = [lat for sent, lat, code, *_ in good.answers if code == 200 and shadow_from <= sent < shadow_to]
             errors = sum(code != 200 for _, _, code, *_ in good.answers)
             ratio = p99(in_shadow) / base_p99 if len(in_shadow) > 50 else float("nan")
             print(f"good version: {final['stage']} after {time.monotonic() - start:.1f} s ({final['reason']}); "
                   f"{errors} errors in {len(good.answers)} requests; p99 in shadow ({len(in_shadow)} requests over "
                   f"{min(shadow_to, time.monotonic()) - shadow_from:.0f} s) {p99(in_shadow):.1f} ms = {ratio:.2f} x "
-                  f"baseline (target <= 1.1); {final['shadow']['dropped']} copies not made (busy or over the "
-                  f"budget)", flush=True)
+                  f"the first window without a rollout (informative: one window each, minutes apart); "
+                  f"{final['shadow']['dropped']} copies not made (busy or over the budget)", flush=True)
             wait_until(lambda: httpx.get(server.url + "/v2/models/m/versions/1/ready").status_code != 200, 30)
 
             # 3. a bad version, shadow on
             start = time.monotonic()
-            publish(source, repo / "m" / "3", shuffle_labels=True)
+            version += 1
+            bad_version = str(version)
+            publish(source, repo / "m" / bad_version, shuffle_labels=True)
             bad = run_users(server.url, photos, args.rate,
-                            lambda: watch.stage("3") == "rolled_back" or time.monotonic() - start > 600)
+                            lambda: watch.stage(bad_version) == "rolled_back" or time.monotonic() - start > 600)
             final = status(server.url)
-            seen_by_users = sum(version == "3" for _, _, _, version, *_ in bad.answers)
+            seen_by_users = sum(v == bad_version for _, _, _, v, *_ in bad.answers)
             wrong = sum(code == 200 and label != truth.get(photo, label) for _, _, code, _, label, photo in bad.answers)
             print(f"bad version, shadow on: {final['stage']} after {time.monotonic() - start:.1f} s "
                   f"({final['reason']}); answers from it {seen_by_users}, wrong answers {wrong} of {len(bad.answers)} "
@@ -186,19 +234,21 @@ def main() -> None:
             (repo / "m" / "model.toml").write_text("[rollout]\n" + CANARY_ONLY)
             time.sleep(1.5)  # the reloader reads model.toml on its next sync
             start = time.monotonic()
-            publish(source, repo / "m" / "4", shuffle_labels=True)
+            version += 1
+            canary_version = str(version)
+            publish(source, repo / "m" / canary_version, shuffle_labels=True)
             canary = run_users(server.url, photos, args.rate,
-                               lambda: watch.stage("4") == "rolled_back" or time.monotonic() - start > 600)
+                               lambda: watch.stage(canary_version) == "rolled_back" or time.monotonic() - start > 600)
             final = status(server.url)
-            watch.close()
-            begin = watch.first_seen.get(("4", "canary"), start)
-            seen_by_users = sum(version == "4" for _, _, _, version, *_ in canary.answers)
+            begin = watch.first_seen.get((canary_version, "canary"), start)
+            seen_by_users = sum(v == canary_version for _, _, _, v, *_ in canary.answers)
             window = sum(sent >= begin for sent, *_ in canary.answers)
             print(f"bad version, canary 10 %: {final['stage']} ({final['reason']}); users who saw it "
                   f"{seen_by_users} of {window} requests in the window it was judged over: "
                   f"{seen_by_users / max(1, 0.1 * window):.2f} x (canary share x window) (target <= 1); "
                   f"{final['canary']['compared']} canary answers compared", flush=True)
         finally:
+            watch.close()
             server.stop()
             shutil.rmtree(repo, ignore_errors=True)
 
