@@ -92,10 +92,10 @@ class Registry:
             raise NotFound(f"model {name!r} version {number} is being unloaded")
         return state.service
 
-    def default(self) -> ModelService:
+    def default(self, *, routed: bool = True) -> ModelService:
         for name in self._models:
             try:
-                return self.get(name)
+                return self.get(name, routed=routed)
             except (NotFound, Unavailable):
                 continue
         if not self.ready:

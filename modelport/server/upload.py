@@ -18,7 +18,8 @@ async def predict(request: Request) -> Response:
     k = _top_k(request)
     # Refuse an overloaded or unknown model before parsing the upload: under overload, parsing
     # bodies that will be refused anyway would eat the CPU the accepted requests need.
-    _pick(state.models, request).batcher.check()
+    # Not a routing decision: a canary's pick is made once, below (see kserve.infer).
+    _pick(state.models, request, routed=False).batcher.check()
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # case-insensitive
         raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
                        input_name=FIELD)
@@ -44,9 +45,11 @@ async def predict(request: Request) -> Response:
     return json_response([[p.label, p.score] for p in predictions])
 
 
-def _pick(models, request: Request):
+def _pick(models, request: Request, *, routed: bool = True):
     params = request.query_params
-    return models.get(params["model"], params.get("version")) if "model" in params else models.default()
+    if "model" in params:
+        return models.get(params["model"], params.get("version"), routed=routed)
+    return models.default(routed=routed)
 
 
 def _top_k(request: Request) -> int | None:
