@@ -126,8 +126,11 @@ class Rollout:
         self._copy_busy = False
         self._budget_s = 0.0  # copy time available now (token bucket, refilled from idle time)
         self._budget_at = time.monotonic()
-        self._busy_at = 0.0  # users' compute and decode seen at _budget_at (s of the whole machine)
-        self._users_s = 0.0  # users' compute and decode so far, less copies (idem)
+        # Machine-seconds (a batch has every core, a decode one): used by both versions, copies
+        # excluded, at the last refill (0 at first: the first refill only sets the mark); decoding
+        # of the requests to either version so far; copies so far.
+        self._busy_at = 0.0
+        self._users_s = 0.0
         self._copies_s = 0.0
         self._shadow_infer = {"serving": deque(maxlen=_LATENCIES), "candidate": deque(maxlen=_LATENCIES)}
         # canary
