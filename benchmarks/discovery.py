@@ -1,6 +1,6 @@
 """Client-side discovery against the HAProxy path, with the same workers, in one run.
 
-    python benchmarks/discovery.py [--seconds 5]
+    python benchmarks/discovery.py [--seconds 5] [--only-slow-worker | --only-stalls]
 
 Fixed-cost model (a batch of one holds its worker for 20 ms without CPU; see balancer.py), so N
 workers can give N times one worker's throughput on 2 cores. Figures, as ratios in the same run:
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5, help="per throughput level")
     parser.add_argument("--only-slow-worker", action="store_true", help="run only the slow-worker hedging scenario")
+    parser.add_argument("--only-stalls", action="store_true", help="run only the stalling-worker hedging scenario")
     args = parser.parse_args()
     cluster = BenchCluster("discoverybench", zmq=True)
     fixed_cost_bundle(cluster.repo / "spiky" / "1", spike=0.03)
@@ -121,7 +122,7 @@ def main() -> None:
     try:
         # -- throughput: discovery client against HAProxy, same workers ---------------------------------
         direct, zmq, proxied = {}, {}, {}
-        for n in (1, 2, 4, 8):
+        for n in () if args.only_stalls else (1, 2, 4, 8):
             cluster.grow_to(n)
             wait_until(lambda: sum(v.startswith("UP") for v in balancer.servers().values()) == n, 30, what="UP")
             direct[n] = asyncio.run(closed_loop(url, 4 * n, args.seconds))[0]
@@ -134,13 +135,14 @@ def main() -> None:
 
         # -- latency, one request at a time ------------------------------------------------------------
         pairs = []
-        for _ in range(3):
+        for _ in range(0 if args.only_stalls else 3):
             d = asyncio.run(p50_one_at_a_time(url))
             p = asyncio.run(p50_one_at_a_time(balancer.url))
             pairs.append((d / p, d, p))
-        ratio, d, p = sorted(pairs)[1]
-        print(f"p50 one at a time: discovery {d * 1000:.3f} ms / HAProxy path {p * 1000:.3f} ms = {ratio:.2f} "
-              f"(target < 1; median of 3 pairs)", flush=True)
+        if pairs:
+            ratio, d, p = sorted(pairs)[1]
+            print(f"p50 one at a time: discovery {d * 1000:.3f} ms / HAProxy path {p * 1000:.3f} ms = {ratio:.2f} "
+                  f"(target < 1; median of 3 pairs)", flush=True)
 
         # -- hedging: one worker of 4 stalls now and then (SIGSTOP 0.4 s every 2 s) ---------------------
         stop_all(workers[4:])
@@ -178,6 +180,8 @@ def main() -> None:
         _, plain, _ = asyncio.run(closed_loop(url, 2, args.seconds * 2, model="spiky"))
         _, hedged, client = asyncio.run(closed_loop(url, 2, args.seconds * 2, model="spiky", hedge_after_ms="p95"))
         report("every worker: 3 % of requests 10x slower", plain, hedged, client)
+        if args.only_stalls:
+            return
 
         # -- a registry change seen by the client ---------------------------------------------------------
         async def join_time() -> float:
