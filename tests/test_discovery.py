@@ -210,24 +210,11 @@ def test_sync_client_over_zmq_gets_right_answers(cluster):
 def test_p95_hedging_waits_for_the_other_workers_not_for_the_slow_one(cluster, tmp_path):
     """One worker ten times slower than the other: its answers are more than 5 % of all, so the
     overall p95 is its latency; hedging at the p95 of the *other* worker still cuts that tail."""
-    from modelport.bundle import write_config
-    from test_slo import COST_MODEL
+    from test_slo import cost_bundle
 
-    repos = {}
     for name, seconds in (("fast", 0.02), ("slow", 0.2)):
-        bundle = tmp_path / name / "cost" / "1"
-        bundle.mkdir(parents=True)
-        (bundle / "model.py").write_text(COST_MODEL)
-        (bundle / "labels.txt").write_text("dark\nbright\n")
-        (bundle / "cost").write_text(f"{seconds} 0")
-        write_config(bundle, {"format": 1, "runtime": "python", "model_file": "model.py",
-                              "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8",
-                                        "layout": "NHWC"},
-                              "output": {"name": "logits", "kind": "logits"},
-                              "serving": {"max_batch_size": 1, "max_delay_ms": 0}})
-        repos[name] = tmp_path / name
-    cluster.start_worker(repo=repos["fast"])
-    cluster.start_worker(repo=repos["slow"])
+        cost_bundle(tmp_path / name / "cost" / "1", f"{seconds} 0", max_batch_size=1, max_delay_ms=0)
+        cluster.start_worker(repo=tmp_path / name)
     pixels = np.zeros((1, 8, 8, 3), np.uint8)
 
     async def run(hedge_after_ms) -> tuple[list[float], object]:

@@ -19,11 +19,10 @@ import pytest
 
 from conftest import make_tiny_bundle
 from modelport import samples
-from modelport.bundle import write_config
 from modelport.errors import BundleError
 from modelport.repository import read_model_config
 from servers import Server, metric, wait_until
-from test_slo import COST_MODEL
+from test_slo import cost_bundle
 
 TOKEN = "rollout-secret"
 
@@ -180,25 +179,14 @@ def test_a_good_version_goes_through_the_canary_and_takes_the_labels(tmp_path, p
         server.stop()
 
 
-def cost_bundle(directory: Path, cost: str) -> None:
-    directory.mkdir(parents=True)
-    (directory / "model.py").write_text(COST_MODEL)
-    (directory / "labels.txt").write_text("dark\nbright\n")
-    (directory / "cost").write_text(cost)
-    write_config(directory, {"format": 1, "runtime": "python", "model_file": "model.py",
-                             "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8",
-                                       "layout": "NHWC"},
-                             "output": {"name": "logits", "kind": "logits"}, "serving": {"max_batch_size": 4}})
-
-
 def test_a_slow_version_is_rolled_back_on_the_latency_rule(tmp_path, pictures):
     repo = tmp_path / "repo"
-    cost_bundle(repo / "m" / "1", "0 0.001")
+    cost_bundle(repo / "m" / "1", "0 0.001", max_batch_size=4)
     write_policy(repo / "m", "shadow_requests = 15\nmax_p99_ratio = 1.5\ncanary_share = 0")
     server = serve(repo, tmp_path)
     try:
         with Traffic(server.url, "m", pictures):
-            cost_bundle(repo / "m" / "2", "0 0.015")  # fifteen times slower, same answers
+            cost_bundle(repo / "m" / "2", "0 0.015", max_batch_size=4)  # fifteen times slower, same answers
             status = wait_stage(server.url, "m", "rolled_back", 60)
         assert status["shadow"]["agreement"] == 1.0
         assert "compute time" in status["reason"] and "max_p99_ratio 1.5" in status["reason"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -213,16 +214,23 @@ class Model:
 '''
 
 
+def cost_bundle(directory: Path, cost: str, **serving) -> Path:
+    """A bundle of COST_MODEL whose batches cost ``cost`` ("a b": a * rows + b seconds)."""
+    directory.mkdir(parents=True)
+    (directory / "model.py").write_text(COST_MODEL)
+    (directory / "labels.txt").write_text("dark\nbright\n")
+    (directory / "cost").write_text(cost)
+    write_config(directory, {"format": 1, "runtime": "python", "model_file": "model.py",
+                             "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8",
+                                       "layout": "NHWC"},
+                             "output": {"name": "logits", "kind": "logits"}, "serving": serving})
+    return directory
+
+
 def test_a_server_with_an_slo_refuses_early_and_keeps_it(tmp_path):
-    bundle = tmp_path / "repo" / "cost" / "1"
-    bundle.mkdir(parents=True)
-    (bundle / "model.py").write_text(COST_MODEL)
-    (bundle / "labels.txt").write_text("dark\nbright\n")
+    # 82 ms for one, 96 ms for eight: batching pays
+    bundle = cost_bundle(tmp_path / "repo" / "cost" / "1", "0.002 0.080", max_batch_size=16)
     (bundle / "batches.log").touch()
-    (bundle / "cost").write_text("0.002 0.080")  # 82 ms for one, 96 ms for eight: batching pays
-    write_config(bundle, {"format": 1, "runtime": "python", "model_file": "model.py",
-                          "input": {"height": 8, "width": 8, "resize_shorter": 0, "dtype": "uint8", "layout": "NHWC"},
-                          "output": {"name": "logits", "kind": "logits"}, "serving": {"max_batch_size": 16}})
     server = Server(str(tmp_path / "repo"), "--latency-slo-ms", "300", log=tmp_path / "server.log",
                     port=free_port()).wait_ready()
     try:

@@ -43,6 +43,32 @@ class WorkerGone(Unavailable):
     """The worker left the registry (or could not be reached) while a request was on its way."""
 
 
+class LatencyWindow:
+    """The last ``size`` latencies and their (median, p95), sorted again only every ``every`` new
+    samples, not per request."""
+
+    def __init__(self, size: int, every: int) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=size)
+        self._every = every
+        self._samples = 0
+        self._sorted_at = -1
+        self._quantiles = (0.001, 0.0)  # before any sample
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, latency_s: float) -> None:
+        self._values.append(latency_s)
+        self._samples += 1
+
+    def quantiles(self) -> tuple[float, float]:
+        if self._values and (self._sorted_at < 0 or self._samples - self._sorted_at >= self._every):
+            ordered = sorted(self._values)
+            self._quantiles = (ordered[len(ordered) // 2], ordered[int(0.95 * (len(ordered) - 1))])
+            self._sorted_at = self._samples
+        return self._quantiles
+
+
 @dataclass
 class Endpoint:
     member: Member
@@ -53,24 +79,11 @@ class Endpoint:
     last_sent: float = field(default_factory=time.monotonic)
     attempts: set = field(default_factory=set)
     gone: bool = False
-    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
-    _p95: tuple[int, float] = (-1, 0.0)  # (samples seen when computed, p95), refreshed every 16 samples
-    _samples: int = 0
-
-    def record(self, latency_s: float) -> None:
-        self.latencies.append(latency_s)
-        self._samples += 1
+    latencies: LatencyWindow = field(default_factory=lambda: LatencyWindow(200, 16))  # its own answers
 
     def p95(self) -> float | None:
-        """This worker's own p95 (None until it has answered 20 times), computed every 16 answers."""
-        if len(self.latencies) < 20:
-            return None
-        seen, value = self._p95
-        if seen < 0 or self._samples - seen >= 16:
-            ordered = sorted(self.latencies)
-            value = ordered[int(0.95 * (len(ordered) - 1))]
-            self._p95 = (self._samples, value)
-        return value
+        """This worker's own p95, None until it has answered 20 times."""
+        return self.latencies.quantiles()[1] if len(self.latencies) >= 20 else None
 
     def observe(self, latency_s: float, tau_s: float) -> None:
         """Peak EWMA: jump up to a slower sample at once, decay towards faster ones."""
@@ -161,9 +174,7 @@ class Discovery:
         self.directory = Directory(cluster, on_change=self._members_changed)
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
-        self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
-        self._quantiles: tuple[int, float, float] = (-1, 0.001, 0.0)  # (samples seen, median, p95), cached
-        self._samples = 0
+        self._latencies = LatencyWindow(1000, 32)  # every worker's answers
         self.stats = collections.Counter()  # requests, retries, hedges, hedges_won, budget_exhausted
         self.attempts = collections.Counter()  # per member id: attempts sent there
 
@@ -224,7 +235,7 @@ class Discovery:
         members = self.candidates(model, version)
         fresh = [m for m in members if m.id not in tried] or members
         pair = random.sample(fresh, 2) if len(fresh) > 1 else fresh
-        default = self._quantile()[0]
+        default = self._latencies.quantiles()[0]
         now = time.monotonic()
         return min((self._endpoint(m) for m in pair), key=lambda e: e.cost(default, self.tau_s, now))
 
@@ -354,18 +365,8 @@ class Discovery:
                 p95 = endpoint.p95()
                 if p95 is not None:
                     others.append(p95)
-        return statistics.median(others) if others else self._quantile()[1]
+        return statistics.median(others) if others else self._latencies.quantiles()[1]
 
     def _record(self, endpoint: Endpoint, latency_s: float) -> None:
-        endpoint.record(latency_s)
-        self._latencies.append(latency_s)
-        self._samples += 1
-
-    def _quantile(self) -> tuple[float, float]:
-        """(median, p95) of the recent latencies, recomputed every 32 samples, not per request."""
-        seen, median, p95 = self._quantiles
-        if self._latencies and (seen < 0 or self._samples - seen >= 32):
-            ordered = sorted(self._latencies)
-            median, p95 = ordered[len(ordered) // 2], ordered[int(0.95 * (len(ordered) - 1))]
-            self._quantiles = (self._samples, median, p95)
-        return median, p95
+        endpoint.latencies.add(latency_s)
+        self._latencies.add(latency_s)
