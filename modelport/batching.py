@@ -55,8 +55,12 @@ class Batcher(Generic[T, R]):
                  max_delay_ms: float, max_queue_size: int,
                  on_batch: Callable[[BatchInfo], None] | None = None,
                  run_now: Callable[[Sequence[T]], Sequence[R] | None] | None = None,
-                 planner: Planner | None = None, max_concurrent_batches: int = 1) -> None:
+                 planner: Planner | None = None, max_concurrent_batches: int = 1,
+                 run_thin: Callable[[Sequence[T]], Awaitable[Sequence[R]]] | None = None) -> None:
         self._run = run
+        # With max_concurrent_batches > 1: how a batch runs beside others ("thin": on a runtime with
+        # fewer threads). A batch runs full only when it is all there is to do.
+        self._run_thin = run_thin or run
         # Optional synchronous shortcut for an idle batcher: returns results, or None to decline.
         self._run_now = run_now
         self.max_batch_size = max_batch_size  # the hard cap; the planner's cap may be lower
@@ -66,10 +70,10 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Entry[T]] = deque()
         self._queued_rows = 0  # rows of the entries in _queue
         self._expected = 0  # admitted requests still preparing their input (decoding)
-        # Batches at the runtime: id -> (start, rows). More than one only with max_concurrent_batches
-        # > 1 (one runtime thread per core, a batch per thread: see docs/decisions.md).
+        # Batches at the runtime: id -> (start, rows, thin). More than one only with
+        # max_concurrent_batches > 1, and then only thin ones side by side: see _can_start.
         self.max_concurrent_batches = max_concurrent_batches
-        self._running: dict[int, tuple[float, int]] = {}
+        self._running: dict[int, tuple[float, int, bool]] = {}
         self._batch_ids = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -84,6 +88,12 @@ class Batcher(Generic[T, R]):
     def running(self) -> int:
         """Batches at the runtime now."""
         return len(self._running)
+
+    @property
+    def item_rows(self) -> int:
+        """The most rows one submitted item should have: a thin batch's share with batches side by
+        side, else a whole batch."""
+        return max(1, self.max_batch_size // self.max_concurrent_batches)
 
     @property
     def queued(self) -> int:
@@ -122,9 +132,16 @@ class Batcher(Generic[T, R]):
 
     def _running_left(self, now: float) -> float:
         """Until a runtime slot frees: 0 while one is free, else the soonest predicted end."""
-        if len(self._running) < self.max_concurrent_batches:
+        if self._can_start():
             return 0.0
-        return min(max(0.0, start + self.planner.cost.predict(rows) - now) for start, rows in self._running.values())
+        return min(max(0.0, start + self.planner.cost.predict(rows) - now) for start, rows, _ in self._running.values())
+
+    def _can_start(self) -> bool:
+        """A batch may start now: nothing runs, or only thin batches and a slot is free. A full batch
+        (every runtime thread) runs alone: a batch beside it would take a core its threads wait for."""
+        if not self._running:
+            return True
+        return len(self._running) < self.max_concurrent_batches and all(thin for _, _, thin in self._running.values())
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
                      arrived: float | None = None) -> R:
@@ -160,7 +177,7 @@ class Batcher(Generic[T, R]):
 
     async def _work(self) -> None:
         while True:
-            while not self._queue or len(self._running) >= self.max_concurrent_batches:
+            while not self._queue or not self._can_start():
                 if self._closing and not self._expected and not self._queue:
                     if self._executing:
                         await asyncio.gather(*self._executing)
@@ -168,13 +185,14 @@ class Batcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._gather()
-            batch = self._take()
+            thin = self._thin()
+            batch = self._take(self._cap(thin))
             if not batch:
                 continue
             # The slot is taken now, before any await: the loop's check above stays true.
             self._batch_ids += 1
             key = self._batch_ids
-            self._running[key] = (time.monotonic(), sum(e.rows for e in batch))
+            self._running[key] = (time.monotonic(), sum(e.rows for e in batch), thin)
             if self.max_concurrent_batches == 1:
                 await self._execute(batch, key)
             else:
@@ -182,12 +200,24 @@ class Batcher(Generic[T, R]):
                 self._executing.add(task)
                 task.add_done_callback(self._executing.discard)
 
+    def _thin(self) -> bool:
+        """Whether the next batch runs thin: there is more to do than one batch (others run, more rows
+        wait than a thin batch takes, or requests are on their way), so batches side by side, each
+        on its share of the cores, beat one batch on all of them (docs/decisions.md)."""
+        return self.max_concurrent_batches > 1 and bool(
+            self._running or self._expected or self._queued_rows > self.item_rows)
+
+    def _cap(self, thin: bool) -> int:
+        """Rows for the next batch. Thin batches share the rows of one full batch, so the runtime never
+        holds more rows at once than one full batch (its memory is that of one full batch)."""
+        cap = self.planner.cap_for(self._queue[0].arrived, time.monotonic()) if self._queue else 1
+        return min(cap, self.item_rows) if thin else cap
+
     async def _gather(self) -> None:
         """Wait for announced companions while the batch is short and the oldest can afford it."""
         oldest = self._queue[0]
         give_up = self.planner.gather_until(oldest.arrived, oldest.enqueued)
-        while (self._expected and self._queued_rows < self.planner.cap_for(oldest.arrived, time.monotonic())
-               and not self._closing):
+        while self._expected and self._queued_rows < self._cap(self._thin()) and not self._closing:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 return
@@ -197,11 +227,10 @@ class Batcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 return
 
-    def _take(self) -> list[_Entry[T]]:
+    def _take(self, cap: int) -> list[_Entry[T]]:
         batch: list[_Entry[T]] = []
         rows = 0
         now = time.monotonic()
-        cap = self.planner.cap_for(self._queue[0].arrived, now) if self._queue else 1
         while self._queue:
             entry = self._queue[0]
             if batch and rows + entry.rows > cap:
@@ -219,9 +248,9 @@ class Batcher(Generic[T, R]):
         return batch
 
     async def _execute(self, batch: list[_Entry[T]], key: int) -> None:
-        start, rows = self._running[key]
+        start, rows, thin = self._running[key]
         try:
-            results = await self._run([e.item for e in batch])
+            results = await (self._run_thin if thin else self._run)([e.item for e in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} produced {len(results)} results")
         except Exception as exc:  # every request in a failed batch gets the error

@@ -69,9 +69,10 @@ class Serving:
     # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
     latency_slo_ms: float | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto; `serve --device` overrides it
-    # Batches run at once. Above 1, a batch that starts beside another runs on a second runtime
-    # session of cores / N threads (a lone batch keeps every core): 1.12-1.15 x under load on 2 cores.
-    concurrent_batches: int = 1
+    # Batches run at once. Unset: 2 for an ONNX model on a CPU of 2+ cores without a latency SLO,
+    # else 1. Above 1, batches side by side each run "thin" on cores / N threads and at most
+    # max_batch_size / N rows; a lone batch keeps every core (see batching.Batcher).
+    concurrent_batches: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
                        ("serving.top_k", serving.top_k), ("serving.max_batch_size", serving.max_batch_size),
                        ("serving.max_queue_size", serving.max_queue_size),
                        ("serving.concurrent_batches", serving.concurrent_batches)):
-        if value < 1:
+        if value is not None and value < 1:
             raise BundleError(f"{config_path}: {key} = {value} must be at least 1")
     if image_input.resize_shorter and image_input.resize_shorter < min(image_input.height, image_input.width):
         raise BundleError(f"{config_path}: input.resize_shorter = {image_input.resize_shorter} is smaller than the crop "
@@ -227,7 +228,8 @@ def _section(reader: "_Reader", table: str, cls: type) -> Any:
                 kwargs[name] = tuple(float(v) for v in value)
             continue
         number = default_value.__class__ is float or str(default.type).startswith("float")
-        expected = (int, float) if number else type(default_value) if default_value is not None else str
+        integer = str(default.type).startswith("int")
+        expected = (int, float) if number else int if integer else type(default_value) if default_value is not None else str
         value = sub.get(name, expected, None)
         if value is not None:
             kwargs[name] = float(value) if number else value

@@ -17,10 +17,15 @@ from modelport.runtime import V2_TO_NUMPY, TensorSpec, runtime_class
 
 
 class Model:
-    """Safe to use from several threads: decoding is pure, and an ONNX Runtime session may run
-    concurrently (the server still runs one batch per model at a time, by design of its batcher)."""
+    """Safe to use from several threads: decoding is pure, and a runtime may run concurrently.
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None, device: str | None = None) -> None:
+    ``concurrent_batches`` > 1 (the server's batches side by side): an ONNX model on the CPU gets a
+    second, thin session of cores / N threads for batches that run beside others, and both sessions
+    share the process's CPU arena; other runtimes run such batches on their one runtime. None
+    (the server's default): 2 where a thin session can be had on 2 or more cores, else 1."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, device: str | None = None,
+                 concurrent_batches: int | None = 1) -> None:
         self.bundle = bundle
         self.name = bundle.name
         self.version = bundle.version
@@ -28,9 +33,18 @@ class Model:
         self.spec = bundle.input
         # The device: the server's --device, else the bundle's [serving] device (default cpu).
         self.device = Device.parse(device or bundle.serving.device)
-        self.runtime = runtime_class(bundle.runtime)(bundle.model_file, threads=threads, bundle=bundle,
-                                                     device=self.device)
-        self.concurrent_runtime = None
+        cls = runtime_class(bundle.runtime)
+        cores = os.cpu_count() or 1
+        can_thin = threads is None and self.device.kind == "cpu" and getattr(cls, "can_share_arena", False)
+        if concurrent_batches is None:
+            concurrent_batches = 2 if can_thin and cores >= 2 else 1
+        self.concurrent_batches = concurrent_batches
+        thin = can_thin and concurrent_batches > 1
+        extra = {"shared_arena": True} if thin else {}
+        self.runtime = cls(bundle.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
+        # Batches that run beside others: on every core's share of threads (see batching.Batcher).
+        self.thin_runtime = cls(bundle.model_file, threads=max(1, cores // concurrent_batches),
+                                bundle=bundle, device=self.device, **extra) if thin else self.runtime
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()
@@ -38,8 +52,9 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, name: str | None = None, threads: int | None = None,
-             device: str | None = None) -> "Model":
-        return cls(load_bundle(Path(path), name=name), threads=threads, device=device)
+             device: str | None = None, concurrent_batches: int | None = 1) -> "Model":
+        return cls(load_bundle(Path(path), name=name), threads=threads, device=device,
+                   concurrent_batches=concurrent_batches)
 
     @property
     def takes_images(self) -> bool:
@@ -65,18 +80,10 @@ class Model:
         """(N, H, W, 3) uint8 crops -> raw outputs; layout and normalisation once for the batch."""
         return self.run({self.input.name: imaging.to_model_input(images, self.spec)}, output_names)
 
-    def add_concurrent_runtime(self, threads: int) -> None:
-        """A second runtime with fewer threads, for batches that run beside another one (a batch
-        that runs alone keeps every thread: see ``serving.concurrent_batches``)."""
-        self.concurrent_runtime = runtime_class(self.bundle.runtime)(
-            self.bundle.model_file, threads=threads, bundle=self.bundle, device=self.device)
-
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None, *,
-            concurrent: bool = False) -> dict[str, np.ndarray]:
-        if concurrent and self.concurrent_runtime is not None:
-            return self.concurrent_runtime.run(feeds, output_names)
-        """Raw tensors in, raw tensors out."""
-        return self.runtime.run(feeds, output_names)
+            thin: bool = False) -> dict[str, np.ndarray]:
+        """Raw tensors in, raw tensors out; ``thin``: on the thin runtime (a batch beside others)."""
+        return (self.thin_runtime if thin else self.runtime).run(feeds, output_names)
 
     def probabilities(self, output: np.ndarray) -> np.ndarray:
         return softmax(output) if self.bundle.output.kind == "logits" else output
@@ -97,15 +104,17 @@ class Model:
         self.warm_up_s = self._time_runs(1)
         if self.input.shape[0] == -1 and self.bundle.serving.max_batch_size > 1:
             self.warm_up_pair_s = self._time_runs(2)
+        if self.thin_runtime is not self.runtime:
+            self._time_runs(1, thin=True)
 
-    def _time_runs(self, rows: int) -> float:
+    def _time_runs(self, rows: int, thin: bool = False) -> float:
         if self.takes_images:
             batch = np.zeros((rows, self.spec.height, self.spec.width, 3), dtype=np.uint8)
-            run = lambda: self.predict(batch)  # noqa: E731
+            feeds = {self.input.name: imaging.to_model_input(batch, self.spec)}
         else:
             feeds = {self.input.name: np.zeros([rows] + [max(d, 1) for d in self.input.shape[1:]],
                                                dtype=V2_TO_NUMPY[self.input.datatype])}
-            run = lambda: self.run(feeds, [self.output.name])  # noqa: E731
+        run = lambda: self.run(feeds, [self.output.name], thin=thin)  # noqa: E731
         run()
         start = time.perf_counter()
         run()
@@ -113,8 +122,8 @@ class Model:
 
     def close(self) -> None:
         self.runtime.close()
-        if self.concurrent_runtime is not None:
-            self.concurrent_runtime.close()
+        if self.thin_runtime is not self.runtime:
+            self.thin_runtime.close()
 
     def _pick(self, specs: list[TensorSpec], name: str | None, what: str) -> TensorSpec:
         if name is None:

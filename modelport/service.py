@@ -108,7 +108,7 @@ class ModelService:
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
             max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now,
-            planner=planner, max_concurrent_batches=self.serving.concurrent_batches)
+            planner=planner, max_concurrent_batches=model.concurrent_batches, run_thin=self._run_thin_batch)
         self.output_names = [o.name for o in model.runtime.outputs]
         # A rollout's hooks (``rollout.py``): ``mirror`` sees each answered request (shadow copies),
         # ``probe`` each outcome: True answered, False failed by the model's fault, None refused.
@@ -213,9 +213,9 @@ class ModelService:
         timing.enqueued = time.monotonic()
         start = time.monotonic()
         # A request never runs as a batch bigger than the model's: more rows are split into
-        # items of at most max_batch_size (a runtime's memory grows with the largest batch shape
-        # it has seen, and does not give it back).
-        step = self.batcher.max_batch_size
+        # items of at most a batch (a runtime's memory grows with the largest batch shape it has
+        # seen, and does not give it back; with batches side by side, at most a thin batch).
+        step = self.batcher.item_rows
         items = [_Item(array[i:i + step], is_crop, timing) for i in range(0, len(array), step)]
         try:
             # The deadline holds during compute too: a hung or slow model call is answered 504 at
@@ -281,21 +281,22 @@ class ModelService:
         for item in items:
             item.timing.infer_s = elapsed
 
-    async def _run_batch(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
+    async def _run_thin_batch(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
+        return await self._run_batch(items, thin=True)
+
+    async def _run_batch(self, items: Sequence[_Item], thin: bool = False) -> list[dict[str, np.ndarray]]:
         started = time.monotonic()
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
             item.started = True
-        concurrent = self.batcher.running > 1  # another batch is at the runtime: use the thinner session
         if self._fast():
             outputs = self._run_sync(items)
         else:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items,
-                                                                       concurrent)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items, thin)
         self._observe_run(items, started)
         return outputs
 
-    def _run_sync(self, items: Sequence[_Item], concurrent: bool = False) -> list[dict[str, np.ndarray]]:
+    def _run_sync(self, items: Sequence[_Item], thin: bool = False) -> list[dict[str, np.ndarray]]:
         # Crops are normalised together, once per batch; graph-ready tensors go in as they are.
         order = [i for i, item in enumerate(items) if item.is_crop] + [i for i, item in enumerate(items) if not item.is_crop]
         parts = []
@@ -304,7 +305,7 @@ class ModelService:
             parts.append(to_model_input(np.concatenate(crops), self.model.spec))
         parts.extend(items[i].array for i in order if not items[i].is_crop)
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        outputs = self.model.run({self.model.input.name: batch}, self.output_names, concurrent=concurrent)
+        outputs = self.model.run({self.model.input.name: batch}, self.output_names, thin=thin)
         results: list[dict[str, np.ndarray] | None] = [None] * len(items)
         row = 0
         for i in order:

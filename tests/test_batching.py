@@ -206,18 +206,35 @@ async def test_run_now_is_skipped_while_a_batch_runs_and_may_decline():
     await b.close()
 
 
-async def test_concurrent_batches_run_side_by_side_and_close_waits_for_them():
-    runtime = Runtime()
-    runtime.gate.clear()
-    b = batcher(runtime, max_batch_size=2, max_concurrent_batches=2)
-    first = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
-    await runtime.started.wait()
-    more = [asyncio.ensure_future(b.submit(i)) for i in range(2, 7)]
+async def test_a_lone_batch_runs_full_and_nothing_starts_beside_it():
+    full, thin = Runtime(), Runtime()
+    full.gate.clear()
+    b = batcher(full, max_batch_size=4, max_concurrent_batches=2, run_thin=thin)
+    first = asyncio.ensure_future(b.submit(0))
+    await full.started.wait()  # all there was to do: on the full runtime (every core)
+    more = [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
     await asyncio.sleep(0.01)
-    # Two batches at the runtime at once, no third: the rest wait for a free slot.
-    assert [len(x) for x in runtime.batches] == [2, 2] and b.busy and b.queued == 3
+    # A full batch keeps every core: the others wait for it instead of starting beside it.
+    assert full.batches == [[0]] and thin.batches == [] and b.queued == 5
+    full.gate.set()
+    assert await asyncio.gather(first, *more) == [i * 10 for i in range(6)]
+    # Then more waited than one thin batch takes: thin batches of max_batch_size / 2 rows side by
+    # side, and the last one, alone again, full.
+    assert thin.batches == [[1, 2], [3, 4]] and full.batches == [[0], [5]]
+    await b.close()
+
+
+async def test_thin_batches_run_side_by_side_and_close_waits_for_them():
+    full, thin = Runtime(), Runtime()
+    thin.gate.clear()
+    b = batcher(full, max_batch_size=4, max_concurrent_batches=2, run_thin=thin)
+    requests = [asyncio.ensure_future(b.submit(i)) for i in range(7)]
+    await thin.started.wait()
+    await asyncio.sleep(0.01)
+    # Two thin batches at once, each at most half a batch, no third: the rest wait for a free slot.
+    assert thin.batches == [[0, 1], [2, 3]] and full.batches == [] and b.running == 2 and b.queued == 3
     closing = asyncio.ensure_future(b.close())
-    runtime.gate.set()
-    assert await asyncio.gather(*first, *more) == [i * 10 for i in range(7)]
+    thin.gate.set()
+    assert await asyncio.gather(*requests) == [i * 10 for i in range(7)]
     await closing
-    assert sorted(len(x) for x in runtime.batches) == [1, 2, 2, 2] and not b.busy
+    assert sorted(len(x) for x in thin.batches + full.batches) == [1, 2, 2, 2] and not b.busy

@@ -210,15 +210,28 @@ def test_a_request_runs_as_batches_of_at_most_max_batch_size(hardened_server):
     images = [png(i) for i in range(10)]
     one_by_one = [httpx.post(server.url + INFER, content=v2_images([i])[0], headers=v2_images([i])[1]).json()
                   for i in images]
-    before = stats(server)
+    before, sizes_before = stats(server), batch_sizes(server)
     body, headers = v2_images(images)
     reply = httpx.post(server.url + INFER, content=body, headers=headers)
-    after = stats(server)
+    after, sizes_after = stats(server), batch_sizes(server)
     assert reply.status_code == 200, reply.text
     rows = np.array(reply.json()["outputs"][0]["data"]).reshape(10, 4)
     assert np.allclose(rows, [np.array(r["outputs"][0]["data"]) for r in one_by_one], atol=1e-5)  # order kept
     assert after["inference_count"] - before["inference_count"] == 10
-    assert after["execution_count"] - before["execution_count"] == 3  # 4 + 4 + 2, never one batch of 10
+    batches = after["execution_count"] - before["execution_count"]
+    assert batches >= 3  # never one batch of 10 (4 + 4 + 2 at the least)
+    # Every one of them at most 4 rows: the histogram's "le 4" bucket grew by all of them.
+    assert sizes_after["4"] - sizes_before["4"] == batches == sizes_after["+Inf"] - sizes_before["+Inf"]
+
+
+def batch_sizes(server) -> dict[str, float]:
+    """The model's batch-size histogram from /metrics: bucket bound -> batches so far."""
+    buckets = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("modelport_batch_size_bucket{") and f'model="{MODEL}"' in line:
+            bound = line.split('le="')[1].split('"')[0]
+            buckets[bound.removesuffix(".0")] = float(line.rsplit(" ", 1)[1])
+    return buckets
 
 
 def test_more_images_than_the_limit_are_413_on_every_protocol(hardened_server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -23,15 +24,22 @@ _ORT_TO_V2 = {
 class OnnxRuntime:
     platform = "onnx_onnxv1"
     pure_compute = True  # time grows with the input, never waits on I/O: tiny models may run inline
+    can_share_arena = True  # sessions of one model may share one CPU memory arena (see shared_arena)
 
     def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
-                 device: Device = CPU) -> None:
+                 device: Device = CPU, shared_arena: bool = False) -> None:
         providers = device.onnx_providers()  # a GPU asked for and missing fails here, with what is missing
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         # Spinning workers burn the cores that image decoding needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if shared_arena:
+            # The process's one CPU arena instead of the session's own: a model's full and thin
+            # sessions never run at the same time as each other's batches of the same rows, so
+            # the memory one used is there for the other (docs/decisions.md, "Thin batches").
+            _register_shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self._session = ort.InferenceSession(os.fspath(model_path), options, providers=providers)
@@ -47,6 +55,21 @@ class OnnxRuntime:
 
     def close(self) -> None:
         self._session = None
+
+
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    """ONNX Runtime's environment-wide CPU arena, registered once per process (default settings:
+    it grows by powers of two and keeps what it holds, as a session's own arena does)."""
+    global _arena_registered
+    with _arena_lock:
+        if not _arena_registered:
+            cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))
+            _arena_registered = True
 
 
 def _spec(node) -> TensorSpec:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -156,12 +155,10 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
     batches = overrides.get("concurrent_batches", bundle.serving.concurrent_batches)
+    if batches is None and overrides.get("latency_slo_ms", bundle.serving.latency_slo_ms) is not None:
+        batches = 1  # the SLO planner predicts batches one after another (slo.py)
     model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=config.runtime_threads,
-                                                                 device=config.device))
-    if batches > 1 and config.runtime_threads is None:
-        # A batch alone keeps every core; batches side by side each run on their share of them.
-        threads = max(1, (os.cpu_count() or 1) // batches)
-        await loop.run_in_executor(infer_pool, model.add_concurrent_runtime, threads)
+                                                                 device=config.device, concurrent_batches=batches))
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,
