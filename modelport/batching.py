@@ -48,6 +48,7 @@ class BatchInfo:
     rows: int
     queue_s: list[float]  # per item
     run_s: float
+    thin: bool = False  # ran beside other batches, on a share of the cores
 
 
 class Batcher(Generic[T, R]):
@@ -268,7 +269,7 @@ class Batcher(Generic[T, R]):
                 if not entry.future.done():
                     entry.future.set_result(result)
         if self._on_batch is not None:
-            self._on_batch(BatchInfo(len(batch), rows, [start - e.enqueued for e in batch], end - start))
+            self._on_batch(BatchInfo(len(batch), rows, [start - e.enqueued for e in batch], end - start, thin))
 
 
 class _Admission:

@@ -232,9 +232,10 @@ def build_default() -> None:
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=None, help="Longest a request waits for batch companions.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=None, help="Requests waiting per model before 503.")
 @click.option("--concurrent-batches", type=click.IntRange(min=1), default=None,
-              help="Batches a model runs at once (default 1). Above 1, a batch that starts while another runs uses "
-                   "a second runtime session of cores / N threads: 1.12-1.15 x under load on 2 cores, ~155 MB more "
-                   "(BENCHMARKS.md).")
+              help="Batches a model runs at once. Default: 2 for ONNX models up to 100 MB on a CPU of 2+ cores "
+                   "without a latency SLO, else 1. Above 1, a lone batch still runs on every core; under load, "
+                   "batches run side by side on a thin runtime session of cores / N threads, each at most "
+                   "max_batch_size / N rows (README, BENCHMARKS.md).")
 @click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Keep p99 latency under this: the batcher picks batch sizes and waits itself, and refuses at once "
                    "(503) what would miss it. Overrides every bundle's [serving] latency_slo_ms.")

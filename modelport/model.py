@@ -16,13 +16,20 @@ from modelport.predictions import Prediction, softmax, top_k
 from modelport.runtime import V2_TO_NUMPY, TensorSpec, runtime_class
 
 
+# Batches side by side by default only for models up to this size: the thin session costs about
+# the file's size again (the default model, 17 MB: +22 MB after load; docs/decisions.md).
+AUTO_THIN_MAX_BYTES = 100 * 1024 * 1024
+
+
 class Model:
     """Safe to use from several threads: decoding is pure, and a runtime may run concurrently.
 
     ``concurrent_batches`` > 1 (the server's batches side by side): an ONNX model on the CPU gets a
     second, thin session of cores / N threads for batches that run beside others, and both sessions
     share the process's CPU arena; other runtimes run such batches on their one runtime. None
-    (the server's default): 2 where a thin session can be had on 2 or more cores, else 1."""
+    (the server's default): 2 where a thin session can be had on 2 or more cores and the model
+    file is at most ``AUTO_THIN_MAX_BYTES`` (the thin session holds its own copy of the weights),
+    else 1."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, device: str | None = None,
                  concurrent_batches: int | None = 1) -> None:
@@ -37,7 +44,7 @@ class Model:
         cores = os.cpu_count() or 1
         can_thin = threads is None and self.device.kind == "cpu" and getattr(cls, "can_share_arena", False)
         if concurrent_batches is None:
-            concurrent_batches = 2 if can_thin and cores >= 2 else 1
+            concurrent_batches = 2 if can_thin and cores >= 2 and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES else 1
         self.concurrent_batches = concurrent_batches
         thin = can_thin and concurrent_batches > 1
         extra = {"shared_arena": True} if thin else {}
@@ -160,3 +167,9 @@ class Model:
             raise BundleError(f"{self.bundle.path / 'labels.txt'}: {len(self.labels)} labels, but output "
                               f"{self.output.name!r} has {width} classes")
 
+
+def _file_size(path: Path) -> float:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # missing: the runtime says so, with the path, when it tries to load it
+        return float("inf")

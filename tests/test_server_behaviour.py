@@ -341,3 +341,34 @@ def test_client_that_never_reads_responses_is_cut_off(tmp_path):
         greedy.close()
     finally:
         server.stop()
+
+
+def test_under_load_batches_run_thin_side_by_side_and_a_lone_request_runs_full(default_server, default_model):
+    """The default server on this machine's 2+ cores: batches side by side are on by default."""
+    from modelport import samples
+
+    assert (default_model.bundle.path / "model.onnx").stat().st_size < 100 * 1024 * 1024
+    photos = samples.photo_set(24, seed=21)
+    expected = [p[0].label for p in default_model.classify(photos, 1)]
+    name = default_model.name
+
+    def ask(i: int) -> str:
+        reply = client.post("/?k=1", files={"data": ("p.jpg", photos[i % len(photos)], "image/jpeg")})
+        assert reply.status_code == 200, reply.text
+        return reply.json()[0][0]
+
+    with httpx.Client(base_url=default_server.url, timeout=60, limits=httpx.Limits(max_connections=16)) as client:
+        ask(0)  # warm
+        thin, batches = (metric(default_server.url, m, model=name)
+                         for m in ("modelport_thin_batches_total", "modelport_batches_total"))
+        assert [ask(i) for i in range(6)] == expected[:6]  # one at a time: each alone, on every core
+        assert metric(default_server.url, "modelport_thin_batches_total", model=name) == thin
+        assert metric(default_server.url, "modelport_batches_total", model=name) == batches + 6
+        with ThreadPoolExecutor(12) as pool:  # 12 in flight: more than one batch's worth at a time
+            answers = list(pool.map(ask, range(72)))
+    assert answers == [expected[i % len(photos)] for i in range(72)]
+    ran_thin = metric(default_server.url, "modelport_thin_batches_total", model=name) - thin
+    assert ran_thin >= 4, ran_thin
+    # No batch above max_batch_size rows (8), thin or full.
+    assert (metric(default_server.url, "modelport_batch_size_bucket", model=name, le="8.0")
+            == metric(default_server.url, "modelport_batch_size_count", model=name))

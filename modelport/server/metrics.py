@@ -30,6 +30,9 @@ class Metrics:
         self.batch_size = Histogram("modelport_batch_size", "Rows per executed batch.", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.batches = Counter("modelport_batches", "Batches executed.", ["model"], registry=r)
+        self.thin_batches = Counter("modelport_thin_batches", "Batches that ran thin: beside others, on a share of "
+                                    "the cores and at most max_batch_size / concurrent_batches rows.", ["model"],
+                                    registry=r)
         self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
         self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
                                  ["model", "version", "state"], registry=r)
@@ -86,6 +89,8 @@ class Metrics:
 
     def observe_batch(self, model: str, info: BatchInfo) -> None:
         self.batches.labels(model).inc()
+        if info.thin:
+            self.thin_batches.labels(model).inc()
         self.batch_size.labels(model).observe(info.rows)
         self.inference_duration.labels(model).observe(info.run_s)
         queue = self.queue_duration.labels(model)
