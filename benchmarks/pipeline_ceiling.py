@@ -5,12 +5,13 @@
 
 Servers: `modelport serve` with the default model as it starts by default, and with
 `--concurrent-batches 1` (one batch at a time, every core: the arrangement before batches side by
-side), both up at once. Each round measures the pipeline ceiling (``http_server.pipeline_ceiling``:
-ONNX Runtime alone on decoded crops at its best batch size, plus the server's decode on the core
-time it leaves), then runs a closed-loop window of ``--count`` upload requests at 8 and at 32
-concurrent clients against each server in turn, and 60 requests at 1. The machine's speed drifts
-by tens of percent within minutes, so every window is divided by the ceiling of its own round, and
-the figure is the median over rounds. Peak RSS of each server at the end.
+side), both up at once. Each round runs a closed-loop window of ``--count`` upload requests at 8
+and at 32 concurrent clients against each server in turn, and 60 requests at 1, and measures the
+pipeline ceiling (``http_server.pipeline_ceiling``: ONNX Runtime alone on decoded crops at its best
+batch size, plus the server's decode on the core time it leaves) between every two windows. The
+machine's speed drifts by tens of percent within minutes, so every window is divided by the mean of
+the ceilings measured just before and just after it, and the figure is the median over rounds.
+Peak RSS of each server at the end.
 
 Probe: in one process, no HTTP, a bounded queue between decoding threads (nice +10, as in the
 server) and inference, for a few seconds each:
@@ -63,20 +64,23 @@ def servers(args, bundle: Path, datas: list[bytes], tmp: Path) -> None:
         ratios = {name: {8: [], 32: []} for name in running}
         p50 = {name: [] for name in running}
         ceilings = []
+        ceiling = pipeline_ceiling(model, datas)["images_per_s"]
         for round_ in range(args.rounds):
-            ceiling = pipeline_ceiling(model, datas)["images_per_s"]
-            ceilings.append(ceiling)
             line = []
             for name, (_, port) in running.items():
                 for c in (8, 32):
+                    # Each window between two measurements of the ceiling, against their mean.
+                    before = ceiling
                     result = loadgen.run(port, requests, concurrency=c, count=args.count)
                     if result.errors or result.wrong:
                         raise SystemExit(f"{name}: {result.errors} errors, {result.wrong} wrong answers at C={c}")
-                    ratios[name][c].append(result.throughput / ceiling)
+                    ceiling = pipeline_ceiling(model, datas)["images_per_s"]
+                    ceilings.append(ceiling)
+                    ratios[name][c].append(result.throughput / ((before + ceiling) / 2))
                 p50[name].append(loadgen.run(port, requests, concurrency=1, count=60).p50)
                 line.append(f"{name}: {ratios[name][8][-1]:.2f} / {ratios[name][32][-1]:.2f}")
-            print(f"round {round_ + 1}: ceiling {ceiling:6.1f} img/s   C=8 / C=32 over it: " + "   ".join(line),
-                  flush=True)
+            print(f"round {round_ + 1}: ceiling {min(ceilings[-4:]):6.1f}-{max(ceilings[-4:]):6.1f} img/s   "
+                  f"C=8 / C=32 over it: " + "   ".join(line), flush=True)
         rss = {name: peak_rss_mb(proc.pid) for name, (proc, _) in running.items()}
     finally:
         for proc, _ in running.values():
