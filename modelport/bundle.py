@@ -69,8 +69,8 @@ class Serving:
     # at once what would miss it (max_delay_ms is then unused; max_batch_size stays the hard cap).
     latency_slo_ms: float | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto; `serve --device` overrides it
-    # Batches run at once. Unset: 2 for an ONNX model on a CPU of 2+ cores without a latency SLO,
-    # else 1. Above 1, batches side by side each run "thin" on cores / N threads and at most
+    # Batches run at once. Unset: 2 for an ONNX model of at most 100 MB on a CPU of 2+ cores
+    # without a latency SLO, else 1. Above 1, batches side by side each run "thin" on cores / N threads and at most
     # max_batch_size / N rows; a lone batch keeps every core (see batching.Batcher).
     concurrent_batches: int | None = None
 

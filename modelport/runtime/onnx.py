@@ -35,9 +35,9 @@ class OnnxRuntime:
         # Spinning workers burn the cores that image decoding needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if shared_arena:
-            # The process's one CPU arena instead of the session's own: a model's full and thin
-            # sessions never run at the same time as each other's batches of the same rows, so
-            # the memory one used is there for the other (docs/decisions.md, "Thin batches").
+            # The process's one CPU arena instead of the session's own: a model's full batch never
+            # runs beside its thin ones, so the memory the one used serves the others (docs/
+            # decisions.md, "Batches side by side by default").
             _register_shared_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
