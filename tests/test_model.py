@@ -40,3 +40,30 @@ def test_top_k_order_and_bounds():
     assert [p.label for p in row] == ["b", "d", "c"]
     (row,) = top_k(probabilities, ["a", "b", "c", "d"], 99)
     assert len(row) == 4
+
+
+def test_batches_side_by_side_by_default_where_a_thin_session_pays(default_bundle, tmp_path):
+    import os
+    from dataclasses import replace
+
+    from modelport.bundle import Serving, load_bundle
+    from modelport.server.app import concurrent_batches
+    from test_slo import cost_bundle
+
+    chosen = Model(load_bundle(default_bundle), concurrent_batches=None)
+    crops = np.stack([chosen.decode(samples.jpeg(samples.photo(name))) for name in ("chelsea", "coffee", "astronaut")])
+    cores = os.cpu_count() or 1
+    assert chosen.concurrent_batches == (2 if cores >= 2 else 1)
+    if cores >= 2:  # a second session, of one thread per batch: the same answers as the full one
+        assert chosen.thin_runtime is not chosen.runtime
+        full = chosen.run_crops(crops)
+        thin = chosen.run({chosen.input.name: crops}, thin=True)
+        assert all(np.allclose(full[name], thin[name], atol=1e-5) for name in full)
+    # Where the thread count is fixed, or the runtime is not ONNX Runtime: one batch at a time.
+    assert Model.load(default_bundle, threads=1, concurrent_batches=None).concurrent_batches == 1
+    python_model = cost_bundle(tmp_path / "cost" / "1", "0 0")
+    assert Model.load(python_model, concurrent_batches=None).concurrent_batches == 1
+    # The server: unset lets the model choose, unless a latency SLO is set; set is set.
+    assert concurrent_batches(Serving()) is None
+    assert concurrent_batches(Serving(latency_slo_ms=80)) == 1
+    assert concurrent_batches(replace(Serving(latency_slo_ms=80), concurrent_batches=2)) == 2

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.memory import trim_when_idle
-from modelport.bundle import load_bundle
+from modelport.bundle import Serving, load_bundle
 from modelport.model import Model
 from modelport.server import demo, kserve, rollouts, tfserving, upload
 from modelport.server.config import ServerConfig
@@ -149,14 +149,20 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     return app
 
 
+def concurrent_batches(serving: Serving) -> int | None:
+    """The setting, or None to let the model choose (``Model``); one batch at a time under a latency
+    SLO unless set: the SLO planner predicts batches one after another (slo.py)."""
+    if serving.concurrent_batches is None and serving.latency_slo_ms is not None:
+        return 1
+    return serving.concurrent_batches
+
+
 async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, infer_pool,
                         metrics: Metrics) -> ModelService:
     loop = asyncio.get_running_loop()
     bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
-    batches = overrides.get("concurrent_batches", bundle.serving.concurrent_batches)
-    if batches is None and overrides.get("latency_slo_ms", bundle.serving.latency_slo_ms) is not None:
-        batches = 1  # the SLO planner predicts batches one after another (slo.py)
+    batches = concurrent_batches(replace(bundle.serving, **overrides))
     model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=config.runtime_threads,
                                                                  device=config.device, concurrent_batches=batches))
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
