@@ -211,3 +211,36 @@ def test_garbage_and_unreachable_members_are_skipped_or_checked_out(cluster):
     listed = subprocess.run([sys.executable, "-m", "modelport", "cluster", "ls", "--cluster", cluster.url],
                             capture_output=True, text=True, timeout=30)
     assert listed.returncode == 0 and "skipped" in listed.stderr and "ghost" in listed.stdout
+
+
+async def test_etcd_waits_are_bounded_even_when_an_operation_ignores_its_cancel():
+    """A gRPC call or channel close may never finish cancelling; asyncio.wait_for waits for it
+    to, ``within`` and ``stop`` do not (a full test run once hung in a client's close)."""
+    import asyncio
+
+    from modelport.cluster.etcd import stop, within
+
+    release = asyncio.Event()
+
+    async def stubborn():  # like a gRPC read that does not notice cancellation
+        while True:
+            try:
+                await release.wait()
+                return "late"
+            except asyncio.CancelledError:
+                continue
+
+    try:
+        bounded = asyncio.ensure_future(within(stubborn(), 0.2))
+        await asyncio.wait([bounded], timeout=2)  # asyncio.wait_for(stubborn(), 0.2) would still wait here
+        assert bounded.done() and isinstance(bounded.exception(), asyncio.TimeoutError)
+        assert await within(asyncio.sleep(0.01, "on time"), 1.0) == "on time"
+        task = asyncio.ensure_future(stubborn())
+        await asyncio.sleep(0.01)  # running, inside its wait
+        start = time.monotonic()
+        await stop(task, 0.2)
+        assert time.monotonic() - start < 1.0 and not task.done()
+    finally:
+        release.set()  # let the stubborn ones finish
+    await asyncio.sleep(0.01)
+    assert task.done()

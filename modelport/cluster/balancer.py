@@ -44,8 +44,8 @@ class Balancer:
         finally:
             for task in [*tasks, *self._removing.values()]:
                 task.cancel()
-            await asyncio.gather(*tasks, *self._removing.values(), return_exceptions=True)
-            await self.directory.close()
+            await self.directory.close()  # closing the channel also ends a watch read the cancel missed
+            await asyncio.wait([*tasks, *self._removing.values()], timeout=5)
             if self.haproxy is not None:
                 self.haproxy.stop()
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
+from modelport.cluster.etcd import stop
 from modelport.cluster.members import DRAINING, ClusterURL, Directory, Member
 from modelport.errors import ModelportError, NotFound, Overloaded, Unavailable
 
@@ -189,8 +190,8 @@ class Discovery:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.directory.close()
+        await self.directory.close()  # closing the channel also ends a watch read the cancel missed
+        await stop(self._task, self.timeout_s)
         for endpoint in list(self.endpoints.values()):
             await endpoint.client.close()
         self.endpoints.clear()

@@ -19,6 +19,39 @@ class EtcdUnavailable(Unavailable):
     kind = "registry_unavailable"
 
 
+async def within(awaitable, seconds: float):
+    """``awaitable``'s result, or ``asyncio.TimeoutError`` after ``seconds``, whatever it does.
+
+    ``asyncio.wait_for`` waits for a timed-out (or cancelled) operation to finish cancelling, and a
+    gRPC aio call or channel close may never do so (grpc/grpc#29560, #32005): a full test run
+    hung for minutes in a client's close. Here a late operation is cancelled and left behind.
+    """
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(_consume)
+    try:
+        done, _ = await asyncio.wait([task], timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def stop(task: asyncio.Task | None, seconds: float) -> None:
+    """Cancel a task that may be inside an etcd call and wait for it at most ``seconds``: a watch
+    read does not always notice the cancel until its channel is closed."""
+    if task is not None:
+        task.cancel()
+        await asyncio.wait([task], timeout=seconds)
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of an abandoned call is not worth a log line
+
+
 @dataclass(frozen=True)
 class Change:
     key: str
@@ -83,7 +116,7 @@ class Etcd:
         finally:
             if self._client is not None:
                 try:
-                    await asyncio.wait_for(watch.cancel(), self.timeout_s)
+                    await within(watch.cancel(), self.timeout_s)
                 except Exception:  # the connection is already gone: nothing to cancel
                     pass
         await self._reset()
@@ -99,7 +132,7 @@ class Etcd:
         try:
             # aetcd's own timeout covers each gRPC call; this one also covers connecting to an
             # etcd that accepts the connection but never answers (frozen).
-            return await asyncio.wait_for(operation(self._client), self.timeout_s * 2)
+            return await within(operation(self._client), self.timeout_s * 2)
         except (aetcd.ClientError, asyncio.TimeoutError, OSError) as exc:
             await self._reset()
             raise EtcdUnavailable(f"etcd at {self.endpoint} unreachable: {type(exc).__name__}") from None
@@ -108,6 +141,6 @@ class Etcd:
         client, self._client = self._client, None
         if client is not None:
             try:
-                await asyncio.wait_for(client.close(), self.timeout_s)
+                await within(client.close(), self.timeout_s)
             except Exception:  # closing a broken channel: nothing more to do
                 pass

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from modelport.cluster.etcd import EtcdUnavailable
+from modelport.cluster.etcd import EtcdUnavailable, stop, within
 from modelport.cluster.members import DRAINING, ClusterURL, Member
 
 logger = logging.getLogger("modelport.cluster")
@@ -59,12 +59,10 @@ class Membership:
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Stop refreshing and revoke the lease: the key is gone at once."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop(self._task, timeout_s)
         if self._lease is not None:
             try:
-                await asyncio.wait_for(self._etcd.revoke(self._lease), timeout_s)
+                await within(self._etcd.revoke(self._lease), timeout_s)
                 logger.info("left the cluster %s", self.cluster)
             except (EtcdUnavailable, asyncio.TimeoutError):
                 logger.warning("could not revoke the lease; the key expires within %d s", self.ttl_s)
