@@ -89,7 +89,8 @@ def servers(args, bundle: Path, datas: list[bytes], tmp: Path) -> None:
     print(f"\n{os.cpu_count()} cores; pipeline ceiling {min(ceilings):.1f}-{max(ceilings):.1f} img/s over "
           f"{args.rounds} rounds; {args.count} requests per window; medians over rounds")
     for name in running:
-        print(f"  {name:20s} C=8 {statistics.median(ratios[name][8]):.2f}   C=32 {statistics.median(ratios[name][32]):.2f}"
+        c8, c32 = statistics.median(ratios[name][8]), statistics.median(ratios[name][32])
+        print(f"  {name:20s} C=8 {c8:.2f}   C=32 {c32:.2f}"
               f" x the ceiling (target >= 0.9)   C=1 p50 {statistics.median(p50[name]) * 1000:5.1f} ms"
               f"   peak RSS {rss[name]:.0f} MB")
 

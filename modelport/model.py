@@ -44,7 +44,8 @@ class Model:
         cores = os.cpu_count() or 1
         can_thin = threads is None and self.device.kind == "cpu" and getattr(cls, "can_share_arena", False)
         if concurrent_batches is None:
-            concurrent_batches = 2 if can_thin and cores >= 2 and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES else 1
+            small = can_thin and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES
+            concurrent_batches = 2 if small and cores >= 2 else 1
         self.concurrent_batches = concurrent_batches
         thin = can_thin and concurrent_batches > 1
         extra = {"shared_arena": True} if thin else {}

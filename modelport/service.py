@@ -6,6 +6,7 @@ HTTP and ZeroMQ both call the same ``ModelService``: the same queue, limits and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ class ModelService:
         self.batcher: Batcher[_Item, dict[str, np.ndarray]] = Batcher(
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
             max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now,
-            planner=planner, max_concurrent_batches=model.concurrent_batches, run_thin=self._run_thin_batch)
+            planner=planner, max_concurrent_batches=model.concurrent_batches,
+            run_thin=functools.partial(self._run_batch, thin=True))
         self.output_names = [o.name for o in model.runtime.outputs]
         # A rollout's hooks (``rollout.py``): ``mirror`` sees each answered request (shadow copies),
         # ``probe`` each outcome: True answered, False failed by the model's fault, None refused.
@@ -280,9 +282,6 @@ class ModelService:
         self._recent_run_s += (elapsed - self._recent_run_s) * 0.2
         for item in items:
             item.timing.infer_s = elapsed
-
-    async def _run_thin_batch(self, items: Sequence[_Item]) -> list[dict[str, np.ndarray]]:
-        return await self._run_batch(items, thin=True)
 
     async def _run_batch(self, items: Sequence[_Item], thin: bool = False) -> list[dict[str, np.ndarray]]:
         started = time.monotonic()

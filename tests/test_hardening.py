@@ -15,6 +15,7 @@ import pytest
 
 import fuzzing
 from fuzzing import MODEL, png
+from servers import metric
 from test_rpc import raw_dealer
 
 INFER = f"/v2/models/{MODEL}/infer"
@@ -221,17 +222,13 @@ def test_a_request_runs_as_batches_of_at_most_max_batch_size(hardened_server):
     batches = after["execution_count"] - before["execution_count"]
     assert batches >= 3  # never one batch of 10 (4 + 4 + 2 at the least)
     # Every one of them at most 4 rows: the histogram's "le 4" bucket grew by all of them.
-    assert sizes_after["4"] - sizes_before["4"] == batches == sizes_after["+Inf"] - sizes_before["+Inf"]
+    assert [a - b for a, b in zip(sizes_after, sizes_before)] == [batches, batches]
 
 
-def batch_sizes(server) -> dict[str, float]:
-    """The model's batch-size histogram from /metrics: bucket bound -> batches so far."""
-    buckets = {}
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith("modelport_batch_size_bucket{") and f'model="{MODEL}"' in line:
-            bound = line.split('le="')[1].split('"')[0]
-            buckets[bound.removesuffix(".0")] = float(line.rsplit(" ", 1)[1])
-    return buckets
+def batch_sizes(server) -> tuple[float, float]:
+    """The model's batches so far: those of at most 4 rows, and all of them (/metrics)."""
+    return (metric(server.url, "modelport_batch_size_bucket", model=MODEL, le="4.0"),
+            metric(server.url, "modelport_batch_size_count", model=MODEL))
 
 
 def test_more_images_than_the_limit_are_413_on_every_protocol(hardened_server):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 import numpy as np
 
 from conftest import make_tiny_bundle, tiny_onnx
 from modelport import samples
+from modelport.bundle import Serving, load_bundle
 from modelport.model import Model
 from modelport.predictions import softmax, top_k
+from modelport.server.app import concurrent_batches
+from test_slo import cost_bundle
 
 
 def test_default_model_knows_a_cat_and_an_espresso(default_model):
@@ -43,13 +49,6 @@ def test_top_k_order_and_bounds():
 
 
 def test_batches_side_by_side_by_default_where_a_thin_session_pays(default_bundle, tmp_path):
-    import os
-    from dataclasses import replace
-
-    from modelport.bundle import Serving, load_bundle
-    from modelport.server.app import concurrent_batches
-    from test_slo import cost_bundle
-
     chosen = Model(load_bundle(default_bundle), concurrent_batches=None)
     crops = np.stack([chosen.decode(samples.jpeg(samples.photo(name))) for name in ("chelsea", "coffee", "astronaut")])
     cores = os.cpu_count() or 1
