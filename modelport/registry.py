@@ -76,7 +76,10 @@ class Registry:
             ready = [v for v, s in model.versions.items() if s.state == READY]
             if not ready:
                 if any(s.state == LOADING for s in model.versions.values()):
-                    raise Unavailable(f"model {name!r} has no version ready", retry_after_s=1)
+                    why = "; ".join(f"version {v} {s.reason}" for v, s in sorted(model.versions.items())
+                                    if s.state == LOADING and s.reason)
+                    raise Unavailable(f"model {name!r} has no version ready" + (f" ({why})" if why else ""),
+                                      retry_after_s=1)
                 failed = "; ".join(f"version {v} FAILED: {s.reason}" for v, s in sorted(model.versions.items())
                                    if s.state == FAILED and s.reason)
                 raise NotFound(f"model {name!r} has no version available" + (f" ({failed})" if failed else ""))

@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 
 from modelport import repository
 from modelport.bundle import CONFIG_FILE
-from modelport.errors import ModelportError, NotFound
+from modelport.errors import ModelportError, NotFound, Unavailable
 from modelport.memory import release_memory
 from modelport.registry import FAILED, LOADING, READY, ROLLED_BACK, Registry, check_name
 from modelport.rollout import PROMOTED, Rollout
@@ -41,7 +41,32 @@ logger = logging.getLogger("modelport.reload")
 
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
 _PIPELINE_RETRY_MAX_S = 4.0  # a pipeline costs nothing to build; its steps may load any moment
+_PIPELINE_WAIT_S = 0.2  # a pipeline waiting for a step looks again this soon
 PIPELINE_VERSION = 1  # a pipeline is its file: one version, rebuilt when the file changes
+
+
+def _steps_first(names: set[str], on_disk: dict[str, Path]) -> list[str]:
+    """Models, then pipelines, each pipeline after the pipelines it names: a pipeline is judged
+    once its steps are loaded (or known to have failed). A cycle is ordered anyhow; check_graph
+    refuses it with its reason."""
+    pipelines = {n: on_disk[n] for n in names if n in on_disk and _is_pipeline(on_disk[n])}
+    ordered: list[str] = []
+
+    def visit(name: str, path: frozenset) -> None:
+        if name in ordered or name in path:
+            return
+        try:
+            steps = [s.model for s in read_pipeline(pipelines[name] / PIPELINE_FILE).steps]
+        except ModelportError:  # judged, with its reason, when it is built
+            steps = []
+        for step in steps:
+            if step in pipelines:
+                visit(step, path | {name})
+        ordered.append(name)
+
+    for name in sorted(pipelines):
+        visit(name, frozenset())
+    return sorted(names - set(pipelines)) + ordered
 
 
 def _is_pipeline(model_dir: Path) -> bool:
@@ -85,14 +110,18 @@ class Reloader:
         self._rolled_back: dict[tuple[str, int], tuple] = {}  # -> the signature it was judged with
         self._moved: dict[str, tuple[int, int]] = {}  # model -> (from, to): labels follow a promotion
         self._closing: set[asyncio.Task] = set()
+        self._waiting: set[str] = set()  # pipelines LOADING until a step of theirs is judged
 
     async def load_initial(self) -> None:
-        """Load what the repository holds now (once its files are still), then mark the registry ready."""
+        """Load what the repository holds now (once its files are still), then mark the registry
+        ready. Every pipeline is judged by then: READY, or FAILED with its own reason."""
         await self.sync()
         while self._unsettled:  # at start-up too, a version counts only once its files are still
             await asyncio.sleep(max(0.01, (self._next_wake or time.monotonic()) - time.monotonic()))
             await self.sync()
         self.registry.ready = True
+        if self._waiting:  # a step found nowhere was "still loading" until now: it is unknown
+            await self.sync()
 
     async def follow(self) -> None:
         """Follow the repository's changes until cancelled (returns at once with watch off)."""
@@ -161,9 +190,8 @@ class Reloader:
         async with self._lock:
             self._next_wake = None
             on_disk = self._models_on_disk()
-            # Pipelines after models: their steps are then loaded (or known to have failed).
-            names = [only] if only else sorted(set(on_disk) | {e["name"] for e in self.registry.index()},
-                                               key=lambda n: (n in on_disk and _is_pipeline(on_disk[n]), n))
+            names = [only] if only else _steps_first(set(on_disk) | {e["name"] for e in self.registry.index()},
+                                                     on_disk)
             for name in names:
                 try:
                     await self._sync_model(name, on_disk.get(name))
@@ -193,6 +221,7 @@ class Reloader:
                 await self.registry.retire(name, version)
             self.registry.set_labels(name, {})
             self.registry.forget_model(name)
+            self._waiting.discard(name)
             return
         if _is_pipeline(model_dir) and self._load_pipeline is not None:
             await self._sync_pipeline(name, model_dir / PIPELINE_FILE)
@@ -346,11 +375,23 @@ class Reloader:
         async def build():
             config = read_pipeline(path)
             check_graph(name, config, self._pipeline_on_disk)
+            self._check_steps_settled(config)
             return self._load_pipeline(name, config)
 
         await self._try_load(name, PIPELINE_VERSION, build, retry_max_s=_PIPELINE_RETRY_MAX_S)
         if self.registry.versions(name)[PIPELINE_VERSION].state == READY:
             self._built[name] = sig
+
+    def _check_steps_settled(self, config: PipelineConfig) -> None:
+        """Unavailable while a step's files are still being written, or a step is itself a
+        pipeline that waits: judged now, it would fail with a reason stale a moment later."""
+        for step in config.steps:
+            if step.model in self._waiting:
+                raise Unavailable(f"step {step.ref!r} is a pipeline still waiting for its own steps")
+            serving = self.registry.known(step.model) and any(
+                v.state == READY for v in self.registry.versions(step.model).values())
+            if not serving and any(key[0] == step.model for key in self._unsettled):
+                raise Unavailable(f"step {step.ref!r}: its files are still being written")
 
     def _pipeline_on_disk(self, name: str) -> PipelineConfig | None:
         path = self.root / name / PIPELINE_FILE
@@ -369,11 +410,21 @@ class Reloader:
         self.registry.set_state(name, version, LOADING)
         try:
             service = await (path() if callable(path) else self._load(name, path))
+        except Unavailable as exc:
+            if not callable(path):
+                raise
+            # A pipeline whose step is still loading waits for it: not FAILED with a reason that
+            # will be stale in a moment. The index shows it LOADING, and why.
+            self._waiting.add(name)
+            self.registry.set_state(name, version, LOADING, f"waiting: {exc.message}")
+            self._wake_at(now + _PIPELINE_WAIT_S)
+            return
         except Exception as exc:
             reason = exc.message if isinstance(exc, ModelportError) else f"{type(exc).__name__}: {exc}"
             attempts = failure.attempts + 1 if failure and failure.signature == sig else 1
             delay = min(retry_max_s, _RETRY_FIRST_S * 2 ** (attempts - 1))
             self._failures[key] = _Failure(sig, attempts, now + delay, reason)
+            self._waiting.discard(name)
             self._wake_at(now + delay)
             self.registry.set_state(name, version, FAILED, reason)
             # Said once per reason: a pipeline waiting for a step retries every few seconds.
@@ -382,6 +433,7 @@ class Reloader:
                        attempts, delay, reason)
             return
         self._failures.pop(key, None)
+        self._waiting.discard(name)
         if before_publish is not None:  # no await from here to READY: no request sees it unjudged
             before_publish(service)
         self.registry.set_state(name, version, READY, service=service)

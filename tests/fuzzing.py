@@ -69,7 +69,7 @@ strings = st.text(max_size=12) | odd_digits | long_digits | st.just(3000).map(la
 scalars = st.none() | st.booleans() | numbers | strings
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
-versions = st.sampled_from(["1", "2", "latest", "canary"]) | odd_digits | long_digits | st.text(max_size=8)
+versions = st.sampled_from(["1", "2", "latest", "canary", "1/", "/", "/1", "0/"]) | odd_digits | long_digits | st.text(max_size=8)
 shapes = (st.lists(st.integers(0, 8), min_size=1, max_size=4)
           | st.lists(st.just(1), min_size=60, max_size=80)  # more dimensions than numpy can hold
           | st.lists(st.integers(0, 2 ** 70), min_size=1, max_size=4)
@@ -182,7 +182,7 @@ def read(draw) -> HttpCase:
         f"/v1/models/{MODEL}/labels/{version}", f"/v1/models/{MODEL}/versions/{version}/metadata",
         f"/v2/models/{version}", "/v2/models/stats", "/v2", "/metrics",
     ]))
-    return HttpCase("GET", path)
+    return HttpCase("GET", path + draw(st.sampled_from(["", "", "", "/", "%2F"])))
 
 
 @st.composite

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -107,6 +108,18 @@ def dockerfile() -> dict:
     return steps
 
 
+def see_dependencies(venv: Path) -> None:
+    """Let ``venv`` import the dependencies this test run has, wherever they were installed (the
+    system interpreter, a user's venv, CI's venv) instead of downloading them again: a .pth file
+    naming this interpreter's site-packages. ``--system-site-packages`` would give the *base*
+    interpreter's, which inside a user's venv holds none of them. The directories are appended
+    after the venv's own, so the package installed into the venv is the one that runs (the
+    running interpreter's own .pth files, an editable install's among them, are not read)."""
+    paths = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (site_packages,) = (venv / "lib").glob("python*/site-packages")
+    (site_packages / "dependencies-of-the-test-run.pth").write_text("".join(f"{p}\n" for p in paths))
+
+
 def test_dockerfile_steps_run_in_a_fresh_venv(model_home, tmp_path):
     steps = dockerfile()
     assert steps["USER"] and steps["USER"][-1] not in ("root", "0")  # runs as a user of its own
@@ -117,11 +130,11 @@ def test_dockerfile_steps_run_in_a_fresh_venv(model_home, tmp_path):
     entrypoint = json.loads(steps["ENTRYPOINT"][0])
     assert entrypoint == ["modelport"] and cmd[:1] == ["serve"] and "0.0.0.0" in cmd
 
-    # The build stage's RUN, the same way: in a fresh venv (reusing this machine's installed
-    # dependencies instead of downloading them again), install the package and build the model.
+    # The build stage's RUN, the same way: in a fresh venv, install the package and build the model.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     bin_dir = venv / "bin"
+    see_dependencies(venv)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
     env.pop("PYTHONPATH", None)
     (run,) = steps["RUN"][:1]

@@ -137,6 +137,20 @@ def test_odd_versions_are_4xx_on_every_protocol(hardened_server, version):
     assert reply["ok"] is False and reply["error"]["status"] in (400, 404), reply
 
 
+@pytest.mark.parametrize("path", [f"/v2/models/{MODEL}/versions/0%2F", f"/v2/models/{MODEL}/versions/1/",
+                                  f"/v2/models/{MODEL}/", f"/v2/models/{MODEL}%2F", "/v2/", f"/v1/models/{MODEL}/",
+                                  f"/v2/models/{MODEL}/ready/", f"/v2/models/{MODEL}/infer/"])
+def test_trailing_and_encoded_slashes_are_404_never_a_redirect(hardened_server, path):
+    server, _ = hardened_server
+    for method in ("GET", "POST"):
+        reply = httpx.request(method, server.url + path, follow_redirects=False)
+        assert reply.status_code == 404 and "location" not in reply.headers, (method, path, reply.status_code)
+        assert "trailing slash" in reply.json()["error"]
+    # The pair's other half: without the slash, the route itself answers (200, 405, or its own 404).
+    bare = httpx.get(server.url + path.removesuffix("/").removesuffix("%2F"))
+    assert bare.status_code < 500 and "trailing slash" not in bare.text, (path, bare.text)
+
+
 @pytest.mark.parametrize("k", ["²", "１", "9" * 5000, "0", "-1"], ids=short)
 def test_odd_k_is_400(hardened_server, k):
     server, _ = hardened_server

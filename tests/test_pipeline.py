@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -223,6 +224,45 @@ def test_broken_pipelines_fail_at_load_with_their_reason_and_the_models_serve_on
         assert reason in response.json()["error"] and "pipeline.toml" in response.json()["error"], response.text
     for model in (CHEAP, "small", HEAD):
         assert httpx.get(f"{server.url}/v2/models/{model}/ready").status_code == 200
+
+
+def test_a_pipeline_waits_for_a_step_still_being_written_and_never_fails_for_it(server, repo, default_bundle):
+    """The step's files keep changing for a while (a copy in progress): the pipeline is LOADING,
+    says what it waits for, and is READY once the step is; never FAILED on the way."""
+    step = repo / "late-step" / "1"
+    shutil.copytree(default_bundle, step)
+    stop = threading.Event()
+
+    def keep_writing():  # the directory's signature changes every 0.1 s: never settled
+        for i in range(100):  # at most 10 s
+            if stop.wait(0.1):
+                return
+            (step / "copying.tmp").write_text(str(i))
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        write_pipeline(repo, "late", 'kind = "chain"\nsteps = ["late-step"]\n')
+
+        def waiting() -> bool:  # (before: 404 while the pipeline's own file settles)
+            reply = httpx.get(server.url + "/v2/models/late")
+            return reply.status_code == 503 and "waiting: step 'late-step'" in reply.json()["error"]
+
+        wait_until(waiting, 10, what="the pipeline LOADING, waiting for its step")
+    finally:
+        stop.set()
+        writer.join()
+    seen = []
+
+    def ready() -> bool:
+        reply = httpx.get(server.url + "/v2/models/late")
+        seen.append((reply.status_code, reply.text[:200]))
+        return reply.status_code == 200
+
+    wait_until(ready, 20, what="the pipeline READY once its step is")
+    assert all(status in (200, 503) for status, _ in seen), seen  # never FAILED with a reason about to be stale
+    shutil.rmtree(repo / "late")
+    shutil.rmtree(repo / "late-step")
 
 
 def test_a_pipeline_hot_reloads(server, repo, images):

@@ -99,6 +99,8 @@ class PipelineService:
         self._checked: tuple = ()
         try:  # at load: every step there and fitting, or FAILED with the reason
             self.steps()
+        except Unavailable:
+            raise  # a step still loading: the reloader waits for it
         except ModelportError as exc:
             raise BundleError(f"{config.path}: {exc.message}") from None
 
