@@ -17,6 +17,7 @@ from modelport import untrusted
 from modelport.device import Device
 from modelport.errors import BundleError
 from modelport.runtime import RUNTIMES
+from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
 
 CONFIG_FILE = "modelport.toml"
 FORMAT_VERSION = 1
@@ -73,6 +74,10 @@ class Serving:
     # without a latency SLO, else 1. Above 1, batches side by side each run "thin" on cores / N threads and at most
     # max_batch_size / N rows; a lone batch keeps every core (see batching.Batcher).
     concurrent_batches: int | None = None
+    # The engine of an ONNX bundle and its precision (runtime/precision.py): auto | onnxruntime |
+    # openvino, and auto | fp32 | bf16 | int8; `serve --runtime` / `--precision` override them.
+    runtime: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ def load_bundle(path: str | Path, *, name: str | None = None) -> Bundle:
     _check_choice(config_path, "input.dtype", image_input.dtype, _DTYPES)
     _check_choice(config_path, "input.channel_order", image_input.channel_order, _CHANNEL_ORDERS)
     _check_choice(config_path, "output.kind", output.kind, _OUTPUT_KINDS)
+    _check_choice(config_path, "serving.runtime", serving.runtime, ENGINE_CHOICES)
+    _check_choice(config_path, "serving.precision", serving.precision, PRECISIONS)
     for key, value in (("input.height", image_input.height), ("input.width", image_input.width),
                        ("serving.top_k", serving.top_k), ("serving.max_batch_size", serving.max_batch_size),
                        ("serving.max_queue_size", serving.max_queue_size),

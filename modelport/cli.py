@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from modelport.errors import ModelportError
+from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
 
 MODEL_HELP = "A bundle directory, a model directory (highest version wins) or a model name. Default: efficientnet-lite0."
 
@@ -255,6 +256,13 @@ def build_default() -> None:
 @click.option("--runtime-threads", type=click.IntRange(min=1), default=None, help="Threads per model (default: one per core).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (GPU if there is one): where every model's batches "
                                              "run (default: each bundle's [serving] device, cpu). Decoding stays on the CPU.")
+@click.option("--runtime", "engine", type=click.Choice(ENGINE_CHOICES), default=None,
+              help="The engine of every ONNX model: onnxruntime, openvino (pip install 'modelport[openvino]'), or auto: "
+                   "each timed at load, the fastest kept (default: each bundle's [serving] runtime, auto).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="fp32 (exact answers), bf16 (OpenVINO, only where the CPU computes it natively), int8 (an INT8 "
+                   "version from `modelport optimize`), or auto: a reduced precision only where a gate on real images "
+                   "backs it (default: each bundle's [serving] precision, auto).")
 @click.option("--model-name", default=None, help="Serve a single bundle or model directory under this name "
                                                   "(KServe passes the InferenceService's name).")
 @click.option("--cluster", default=None, envvar="MODELPORT_CLUSTER",
@@ -269,7 +277,7 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
           port: int, zmq_port: int | None, max_batch_size, max_delay_ms, max_queue_size, concurrent_batches, latency_slo_ms,
           timeout_ms,
           max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s, write_timeout_s, runtime_threads,
-          device, model_name, cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
+          device, engine, precision, model_name, cluster, advertise, lease_ttl_s, drain_s, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
     A repository is followed while serving (new versions load, then take traffic; removed ones
@@ -315,8 +323,8 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     config = ServerConfig(
         host=host, port=port, zmq_port=zmq_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
-        runtime_threads=runtime_threads, device=device, log_level=log_level, max_images_per_request=max_images_per_request,
-        cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s, drain_s=drain_s,
+        runtime_threads=runtime_threads, device=device, engine=engine, precision=precision, log_level=log_level,
+        max_images_per_request=max_images_per_request, cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s, drain_s=drain_s,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms,
                                    concurrent_batches), admin_token=admin_token,
         **({"max_pixels": max_pixels} if max_pixels else {}),

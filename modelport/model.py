@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from modelport.bundle import Bundle, load_bundle
 from modelport.errors import BadInput, BundleError
 from modelport.predictions import Prediction, softmax, top_k
 from modelport.runtime import V2_TO_NUMPY, TensorSpec, runtime_class
+from modelport.runtime.precision import ENGINES, MARGIN
+from modelport.runtime.precision import plan as precision_plan
 
 
 # Batches side by side by default only for models up to this size: the thin session costs about
@@ -32,7 +35,8 @@ class Model:
     else 1."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, device: str | None = None,
-                 concurrent_batches: int | None = 1) -> None:
+                 concurrent_batches: int | None = 1, engine: str | None = None,
+                 precision: str | None = None) -> None:
         self.bundle = bundle
         self.name = bundle.name
         self.version = bundle.version
@@ -40,19 +44,36 @@ class Model:
         self.spec = bundle.input
         # The device: the server's --device, else the bundle's [serving] device (default cpu).
         self.device = Device.parse(device or bundle.serving.device)
-        cls = runtime_class(bundle.runtime)
+        # The engine and precision: the server's --runtime / --precision, else the bundle's (auto).
+        plan = precision_plan(bundle, engine=engine, precision=precision, device=self.device)
+        self.precision = plan.precision
+        self.precision_reason = plan.reason
         cores = os.cpu_count() or 1
-        can_thin = threads is None and self.device.kind == "cpu" and getattr(cls, "can_share_arena", False)
+        classes = {name: _engine_class(bundle, name) for name in plan.engines}
+        can_thin = {name: threads is None and self.device.kind == "cpu" and getattr(cls, "can_run_thin", False)
+                    for name, cls in classes.items()}
         if concurrent_batches is None:
-            small = can_thin and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES
+            small = any(can_thin.values()) and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES
             concurrent_batches = 2 if small and cores >= 2 else 1
         self.concurrent_batches = concurrent_batches
-        thin = can_thin and concurrent_batches > 1
-        extra = {"shared_arena": True} if thin else {}
-        self.runtime = cls(bundle.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
+
+        def make(name: str, threads: int | None):
+            cls = classes[name]
+            extra = {"precision": plan.precision} if name == "openvino" else {}
+            if can_thin[name] and concurrent_batches > 1 and getattr(cls, "can_share_arena", False):
+                extra["shared_arena"] = True
+            return cls(bundle.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
+
+        runtimes = {name: make(name, threads) for name in classes}
+        self.engine = _fastest(runtimes, bundle) if len(runtimes) > 1 else next(iter(runtimes))
+        self.runtime = runtimes.pop(self.engine)
+        for loser in runtimes.values():
+            loser.close()
+        if len(classes) > 1:
+            self.precision_reason += f"; {self.engine} was the fastest"
         # Batches that run beside others: on every core's share of threads (see batching.Batcher).
-        self.thin_runtime = cls(bundle.model_file, threads=max(1, cores // concurrent_batches),
-                                bundle=bundle, device=self.device, **extra) if thin else self.runtime
+        thin = can_thin[self.engine] and concurrent_batches > 1
+        self.thin_runtime = make(self.engine, max(1, cores // concurrent_batches)) if thin else self.runtime
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
         self._check_signature()
@@ -60,9 +81,10 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, name: str | None = None, threads: int | None = None,
-             device: str | None = None, concurrent_batches: int | None = 1) -> "Model":
+             device: str | None = None, concurrent_batches: int | None = 1, engine: str | None = None,
+             precision: str | None = None) -> "Model":
         return cls(load_bundle(Path(path), name=name), threads=threads, device=device,
-                   concurrent_batches=concurrent_batches)
+                   concurrent_batches=concurrent_batches, engine=engine, precision=precision)
 
     @property
     def takes_images(self) -> bool:
@@ -167,6 +189,40 @@ class Model:
         if width != -1 and width != len(self.labels):
             raise BundleError(f"{self.bundle.path / 'labels.txt'}: {len(self.labels)} labels, but output "
                               f"{self.output.name!r} has {width} classes")
+
+
+def _engine_class(bundle: Bundle, engine: str) -> type:
+    """An ONNX bundle runs on the engine named; other bundles on their own runtime."""
+    if bundle.runtime != "onnx":
+        return runtime_class(bundle.runtime)
+    module_name, _, attr = ENGINES[engine].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _fastest(runtimes: dict, bundle: Bundle, rounds: int = 5) -> str:
+    """The engine whose batches of the bundle's size (at most 8) ran fastest: interleaved rounds,
+    medians. The first engine is the reference: another must beat it by ``MARGIN``."""
+    first = next(iter(runtimes.values()))
+    spec = first.inputs[0]
+    rows = min(8, bundle.serving.max_batch_size) if spec.shape and spec.shape[0] == -1 else 1
+    if bundle.input.kind == "image":
+        shape = (rows, bundle.input.height, bundle.input.width, 3)
+        feeds = {spec.name: imaging.to_model_input(np.random.default_rng(0).integers(
+            0, 256, shape, dtype=np.uint8), bundle.input)}
+    else:
+        feeds = {spec.name: np.zeros([rows] + [max(d, 1) for d in spec.shape[1:]], dtype=V2_TO_NUMPY[spec.datatype])}
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for name, runtime in runtimes.items():  # the first run of each allocates and picks kernels
+        runtime.run(feeds)
+    for _ in range(rounds):
+        for name, runtime in runtimes.items():
+            start = time.perf_counter()
+            runtime.run(feeds)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    reference, *others = medians
+    best = min(others, key=medians.get)
+    return best if medians[best] * MARGIN < medians[reference] else reference
 
 
 def _file_size(path: Path) -> float:

@@ -77,7 +77,7 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
         calibration, evaluation = calibration[:cut], calibration[cut:]
     if not evaluation:
         raise BadInput("no evaluation images: pass --eval, or more calibration images to split")
-    fp32 = Model(bundle)
+    fp32 = Model(bundle, engine="onnxruntime", precision="fp32")  # the reference: today's exact answers
     progress(f"decoding {len(calibration)} calibration and {len(evaluation)} evaluation images")
     calibration_crops = _crops(fp32, calibration[:MAX_CALIBRATION])
     evaluation_crops = _crops(fp32, evaluation)
@@ -149,7 +149,7 @@ def _bundle_model(bundle, model_file: Path, directory: Path) -> Model:
     directory.mkdir()
     shutil.copy(model_file, directory / bundle.model_file.name)
     _copy_bundle_files(bundle, directory)
-    return Model.load(directory, name=bundle.name)
+    return Model.load(directory, name=bundle.name, engine="onnxruntime", precision="fp32")
 
 
 def _copy_bundle_files(bundle, directory: Path) -> None:

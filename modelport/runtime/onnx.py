@@ -24,7 +24,9 @@ _ORT_TO_V2 = {
 class OnnxRuntime:
     platform = "onnx_onnxv1"
     pure_compute = True  # time grows with the input, never waits on I/O: tiny models may run inline
+    engine = "onnxruntime"
     can_share_arena = True  # sessions of one model may share one CPU memory arena (see shared_arena)
+    can_run_thin = True  # a second, thin session serves batches that run beside others
 
     def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
                  device: Device = CPU, shared_arena: bool = False) -> None:

@@ -52,6 +52,11 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
     segments = request.url.path.split("/")[1:-1]  # an empty one inside means "//": an absolute name
     if exc.status_code == 404 and (".." in segments or "" in segments or "\x00" in request.url.path):
         return json_response({"error": "invalid path: model names cannot be absolute or contain '..', '/' or NUL"}, 400)
+    if exc.status_code == 404 and request.url.path.endswith("/") and request.url.path != "/":
+        # Never a redirect to the path without the slash: a client that follows it re-sends a POST
+        # as a GET, and an encoded slash ("0%2F") would be redirected to another resource.
+        return json_response({"error": f"no endpoint at {request.url.path!r}: paths take no trailing slash, and "
+                                       f"model names and versions cannot contain '/'"}, 404)
     return json_response({"error": exc.detail}, exc.status_code, exc.headers)
 
 
@@ -141,6 +146,9 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                             Exception: internal_error},
         lifespan=lifespan,
     )
+    # A trailing slash (or an encoded one, "%2F", which arrives decoded) is answered 404 in our
+    # error shape, never with Starlette's redirect (docs/decisions.md, "No redirects").
+    app.router.redirect_slashes = False
     app.state.config = config
     app.state.metrics = metrics
     app.state.models = registry
@@ -163,8 +171,11 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
     batches = concurrent_batches(replace(bundle.serving, **overrides))
-    model = await loop.run_in_executor(infer_pool, lambda: Model(bundle, threads=config.runtime_threads,
-                                                                 device=config.device, concurrent_batches=batches))
+    model = await loop.run_in_executor(infer_pool, lambda: Model(
+        bundle, threads=config.runtime_threads, device=config.device, concurrent_batches=batches,
+        engine=config.engine, precision=config.precision))
+    logger.info("model %s version %s runs on %s at %s: %s", name, bundle.version, model.engine, model.precision,
+                model.precision_reason)
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,

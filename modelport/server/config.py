@@ -39,6 +39,8 @@ class ServerConfig:
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runtime_threads: int | None = None  # None: one per core
     device: str | None = None  # cpu | cuda[:N] | auto for every model; None: each bundle's [serving] device
+    engine: str | None = None  # auto | onnxruntime | openvino for every ONNX model; None: each bundle's [serving] runtime
+    precision: str | None = None  # auto | fp32 | bf16 | int8 for every model; None: each bundle's [serving] precision
     batching: BatchingOverrides = BatchingOverrides()
     settle_s: float = 0.5  # a version directory counts once its files stop changing for this long
     poll_s: float = 1.0  # repository rescan interval, besides file-system events

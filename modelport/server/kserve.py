@@ -44,7 +44,14 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    return Response(status_code=200 if request.app.state.ready else 503)
+    if request.app.state.ready:
+        return Response(status_code=200)
+    registry = request.app.state.models
+    if registry.ready:  # was ready: it is shutting down
+        return json_response({"error": "not ready: the server is shutting down"}, 503)
+    # Not yet: which versions are still loading, and which pipelines wait for a step, and why.
+    loading = [e for e in registry.index() if e["state"] == "LOADING"]
+    return json_response({"error": "not ready: models are still loading", "loading": loading}, 503)
 
 
 async def model_ready(request: Request) -> Response:
@@ -66,6 +73,8 @@ async def model_metadata(request: Request) -> Response:
         "outputs": [_tensor_meta(o) for o in model.runtime.outputs],
         "parameters": {"labels": len(model.labels), "max_batch_size": service.serving.max_batch_size,
                        "device": getattr(model.runtime, "device", "cpu"),
+                       **({"engine": model.engine, "precision": model.precision,
+                           "precision_reason": model.precision_reason} if hasattr(model, "engine") else {}),
                        **({"metadata": _plain(bundle.metadata)} if (bundle := getattr(model, "bundle", None))
                           and bundle.metadata else {})},
     })

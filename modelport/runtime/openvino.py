@@ -1,0 +1,120 @@
+"""OpenVINO on the CPU, for the same ``model.onnx`` ONNX Runtime reads (the ``openvino`` extra).
+
+OpenVINO reads the ONNX file itself: no conversion step, no IR file. Precision is the CPU
+plugin's inference precision: ``fp32`` (exact, as ONNX Runtime), ``bf16`` (where the CPU computes
+it natively: AMX or AVX-512 BF16), or ``int8`` for a quantized graph (its QDQ nodes run as
+integer kernels; the layers left in float run at the plugin's own default, bf16 on such CPUs,
+which is what the version's gate measured: see ``optimize``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+
+import numpy as np
+
+from modelport.device import CPU, Device
+from modelport.errors import BundleError, MissingExtra
+from modelport.runtime import TensorSpec
+
+try:
+    import openvino as ov
+except ImportError:  # the extra is missing: say how to get it, at load
+    ov = None
+
+# The plugin's inference precision for each of our precisions (None: the plugin's default).
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}
+
+_OV_TO_V2 = {
+    "boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64", "i8": "INT8",
+    "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16", "f32": "FP32", "f64": "FP64",
+    "string": "BYTES",
+}
+
+_core = None
+
+
+def core():
+    """One OpenVINO Core per process: it caches what the plugins learn about the machine."""
+    global _core
+    if ov is None:
+        raise MissingExtra("runtime = \"openvino\" needs OpenVINO: pip install 'modelport[openvino]'")
+    if _core is None:
+        _core = ov.Core()
+    return _core
+
+
+def available() -> bool:
+    return ov is not None
+
+
+def capabilities() -> set[str]:
+    """What the CPU plugin says this CPU computes natively (BF16, INT8, FP32, ...)."""
+    return set(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVinoRuntime:
+    platform = "openvino_onnx"
+    engine = "openvino"
+    pure_compute = True
+    can_share_arena = False
+    can_run_thin = True  # a second, one-thread compiled model serves batches that run beside others
+
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None, bundle=None,
+                 device: Device = CPU, precision: str = "fp32", **_) -> None:
+        if device.kind != "cpu":
+            raise BundleError(f"{model_path}: runtime \"openvino\" runs on the CPU here; use runtime = "
+                              f"\"onnxruntime\" for device {device}")
+        if precision not in _HINTS:
+            raise BundleError(f"{model_path}: precision {precision!r} is not one of {', '.join(_HINTS)}")
+        self.precision = precision
+        self.device = "cpu"
+        config = {
+            "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1,
+            # One stream, one request at a time per batch: the batcher decides what runs at once
+            # (docs/decisions.md, "OpenVINO beside ONNX Runtime").
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        }
+        if _HINTS[precision] is not None:
+            config["INFERENCE_PRECISION_HINT"] = _HINTS[precision]
+        try:
+            model = core().read_model(os.fspath(model_path))
+            self._compiled = core().compile_model(model, "CPU", config)
+        except MissingExtra:
+            raise
+        except Exception as exc:  # OpenVINO raises RuntimeError for every kind of bad file
+            raise BundleError(f"{model_path}: OpenVINO cannot load it: {exc}") from None
+        self.inputs = [_spec(port) for port in self._compiled.inputs]
+        self.outputs = [_spec(port) for port in self._compiled.outputs]
+        self._output_index = {o.name: i for i, o in enumerate(self.outputs)}
+        # Infer requests are not to be shared by threads at once: a small pool, one per caller.
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def inference_precision(self) -> str:
+        """What the plugin computes the float layers in, read back from the compiled model."""
+        return str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).removeprefix("<Type: '").rstrip("'>")
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = output_names or [o.name for o in self.outputs]
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            # share_inputs: no copy of the batch; the outputs are copied (the request is reused).
+            results = request.infer(feeds, share_inputs=True)
+            return {name: np.array(results[self._output_index[name]]) for name in names}
+        finally:
+            self._requests.put(request)
+
+    def close(self) -> None:
+        self._requests = queue.SimpleQueue()
+        self._compiled = None
+
+
+def _spec(port) -> TensorSpec:
+    shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+    kind = port.get_element_type().get_type_name()
+    return TensorSpec(port.get_any_name(), _OV_TO_V2.get(kind, kind.upper()), shape)
