@@ -508,48 +508,72 @@ def cluster_ls(cluster, as_json: bool) -> None:
 
 @main.command()
 @click.argument("model_ref", metavar="MODEL")
-@click.option("--calibration", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
-              help="Images like the ones the model will see (100-500; flat, or in <class>/ folders).")
+@click.option("--precision", type=click.Choice(["int8", "bf16"]), default="int8", show_default=True,
+              help="int8: a quantized graph, calibrated on --calibration. bf16: the same graph, served at bf16 by "
+                   "OpenVINO where the CPU computes bf16 natively (checked on --eval, or on --calibration's images).")
+@click.option("--runtime", "engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
+              help="The engine the gate checks on and the new version runs on; auto: every installed engine, the "
+                   "fastest that passes (bf16: OpenVINO).")
+@click.option("--calibration", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Images like the ones the model will see (100-500; flat, or in <class>/ folders). Needed for int8.")
 @click.option("--eval", "eval_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Held-out images for the report; <class>/ folders named after the labels add accuracy. "
                    "Default: the last third of the calibration images.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True,
               help="Top-1 agreement with fp32 needed on images fp32 is confident about (top-1 >= 0.5).")
 @click.option("--min-top5", type=click.FloatRange(0, 1), default=0.99, show_default=True,
-              help="Share of INT8 top-1 answers that must be inside fp32's top 5.")
+              help="Share of the new version's top-1 answers that must be inside fp32's top 5.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weights instead of per-channel (to compare recipes).")
 @click.option("--calibration-method", type=click.Choice(["percentile", "minmax", "entropy"]), default="percentile",
               show_default=True)
 @click.option("--max-fp32-layers", type=click.IntRange(min=0), default=8, show_default=True,
               help="At most this many of the most sensitive layers are kept in fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def optimize(model_ref: str, calibration: Path, eval_dir: Path | None, min_agreement: float, min_top5: float,
-             per_tensor: bool, calibration_method: str, max_fp32_layers: int, as_json: bool) -> None:
-    """Quantize MODEL to INT8 into its next version, with an accuracy report; refuse if answers are lost.
+def optimize(model_ref: str, precision: str, engine: str, calibration: Path | None, eval_dir: Path | None,
+             min_agreement: float, min_top5: float, per_tensor: bool, calibration_method: str, max_fp32_layers: int,
+             as_json: bool) -> None:
+    """Make MODEL's next version at a reduced precision (INT8 or bf16), with an accuracy report;
+    refuse if answers are lost.
 
     MODEL is a model directory (its highest version is the source) or a version directory. Exit
-    status 1 and nothing written when the INT8 model misses --min-agreement or --min-top5.
+    status 1 and nothing written when the new version misses --min-agreement or --min-top5.
     """
     from modelport import repository
+    from modelport.bundle import load_bundle
     from modelport.folders import find_images, truth_from_labels
-    from modelport.optimize.int8 import CANDIDATE_FP32_LAYERS, optimize as run
-    from modelport.optimize.quantize import Recipe
 
     source = repository.resolve(model_ref)
-    calibration_paths, _ = find_images(calibration)
     evaluation, truth = None, None
     if eval_dir is not None:
         eval_paths, labels = find_images(eval_dir)
         evaluation = [p.read_bytes() for p in eval_paths]
         if labels is not None:
-            from modelport.bundle import load_bundle
-
             truth = truth_from_labels(labels, load_bundle(source).labels)
+    if precision == "bf16":
+        if engine == "onnxruntime":
+            raise click.UsageError("--precision bf16 runs on OpenVINO (ONNX Runtime has no bf16 kernels on the CPU)")
+        from modelport.optimize import bf16
+
+        if evaluation is None:
+            if calibration is None:
+                raise click.UsageError("--precision bf16 needs images to check on: --eval (or --calibration)")
+            evaluation = [p.read_bytes() for p in find_images(calibration)[0]]
+        _optimize_and_report(lambda progress: bf16.optimize(
+            source, evaluation, labels=truth, min_agreement=min_agreement, min_top5=min_top5, progress=progress),
+            as_json)
+        return
+    if calibration is None:
+        raise click.UsageError("--precision int8 needs --calibration: images like the ones the model will see")
+    from modelport.optimize.int8 import CANDIDATE_FP32_LAYERS, optimize as run
+    from modelport.optimize.quantize import Recipe
+
+    calibration_paths, _ = find_images(calibration)
     recipe = Recipe(per_channel=not per_tensor, calibration=calibration_method)
     candidates = [k for k in CANDIDATE_FP32_LAYERS if k <= max_fp32_layers]
     _optimize_and_report(lambda progress: run(
         source, [p.read_bytes() for p in calibration_paths], evaluation, labels=truth, recipe=recipe,
-        min_agreement=min_agreement, min_top5=min_top5, candidates=candidates, progress=progress), as_json)
+        min_agreement=min_agreement, min_top5=min_top5, candidates=candidates, engine=engine, progress=progress),
+        as_json)
 
 
 def _optimize_and_report(run, as_json: bool = False) -> Path:
@@ -577,20 +601,21 @@ def _print_report(report, console) -> None:
     from rich.table import Table
 
     a = report.agreement
-    table = Table(title=f"INT8 against fp32 on {a.images} held-out images", show_header=False)
+    reduced = report.precision.upper() if report.precision == "int8" else report.precision
+    table = Table(title=f"{reduced} on {report.engine} against fp32 on {a.images} held-out images", show_header=False)
     rows = [("recipe", report.recipe),
             ("layers kept in fp32", ", ".join(report.fp32_layers) or "none"),
             ("top-1 agreement, all images", f"{a.top1:.1%}"),
             (f"  on images fp32 is confident about ({a.confident_images})",
              "n/a" if a.top1_confident is None else f"{a.top1_confident:.1%}"),
             (f"  on images with a clear top-1 ({a.clear_images})", "n/a" if a.top1_clear is None else f"{a.top1_clear:.1%}"),
-            ("INT8 top-1 inside fp32's top 5", f"{a.in_top5:.1%}"),
+            (f"{reduced} top-1 inside fp32's top 5", f"{a.in_top5:.1%}"),
             ("top-5 overlap", f"{a.top5_overlap:.1%}"),
             ("yardstick: fp32 keeps its own answer after a JPEG q90 re-encode",
              "n/a" if a.jpeg_yardstick is None else f"{a.jpeg_yardstick:.1%}")]
     if a.accuracy_fp32 is not None:
-        rows.append(("accuracy fp32 -> INT8", f"{a.accuracy_fp32:.1%} -> {a.accuracy_int8:.1%}"))
-    rows += [(f"speed at batch {s.batch}", f"{s.ratio:.2f} x fp32 ({s.int8_per_s:.0f} vs {s.fp32_per_s:.0f} img/s)")
+        rows.append((f"accuracy fp32 -> {reduced}", f"{a.accuracy_fp32:.1%} -> {a.accuracy_reduced:.1%}"))
+    rows += [(f"speed at batch {s.batch}", f"{s.ratio:.2f} x fp32 ({s.reduced_per_s:.0f} vs {s.fp32_per_s:.0f} img/s)")
              for s in report.speed]
     for row in rows:
         table.add_row(*row)

@@ -5,7 +5,9 @@ The fast path does what a naive server does in a fraction of the CPU:
   so a 640 px photo for a 224 px model is never decoded at full resolution;
 - resize and centre crop are one resampling step over the crop box (no full-size resize);
 - everything stays uint8; normalisation happens once per batch (or inside the ONNX graph).
-``reference`` is the textbook pipeline, kept for tests and benchmarks to compare against.
+``load`` and ``crop`` are ``decode``'s two halves, for a pipeline that feeds one image to models of
+different input sizes. ``reference`` is the textbook pipeline, kept for tests and benchmarks to
+compare against.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import os
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,27 +35,65 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageE
                   Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+class Decoded(NamedTuple):
+    """An image decoded but not yet resized: what the crops of several input sizes can share."""
+
+    image: Image.Image  # loaded, RGB or L
+    width: int  # the source's size, which the crop geometry is computed from
+    height: int
+    scale: float  # source pixels per decoded pixel: a JPEG's DCT scale, else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.width * self.image.height * len(self.image.getbands())
+
+
 def decode(data: bytes, spec: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
            input_name: str | None = None) -> np.ndarray:
     """Decode ``data`` into a (height, width, 3) uint8 array in the bundle's channel order."""
+    return crop(load(data, spec, max_pixels=max_pixels, input_name=input_name), spec, input_name=input_name)
+
+
+def load(data: bytes, spec: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, input_name: str | None = None,
+         reuse: Decoded | None = None) -> Decoded:
+    """Decode ``data`` at the scale ``spec``'s crop needs; return ``reuse`` (``data`` decoded for
+    another input size) instead where that scale is the same, so that its pixels are too.
+
+    Input sizes close to each other mostly share the DCT scale (Lite0's 256 px resize and Lite2's
+    297 px do on every photo under 1536 px on its shorter side). Where they do not, decoding once at the finer
+    scale would change the coarser model's crops; decoding again keeps every crop what ``decode``
+    gives, and the header alone tells which case it is.
+    """
     image = _open(data, max_pixels, input_name)
     try:
         width, height = image.size
-        resized_w, resized_h, crop = _geometry(width, height, spec)
+        resized_w, resized_h, _ = _geometry(width, height, spec)
         scale = 1.0  # source pixels per decoded pixel
         if image.format == "JPEG":
             # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose output still covers this.
             drafted = image.draft("RGB", (resized_w * _DRAFT_MARGIN, resized_h * _DRAFT_MARGIN))
             if drafted is not None:
                 scale = width / drafted[1][2]
+        if reuse is not None and reuse.scale == scale:
+            return reuse
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
-        # The crop box of the reference pipeline (resize to resized_w x resized_h, then crop),
-        # mapped back to decoded pixels: one resampling step gives the same filter taps.
-        fx, fy = width / resized_w / scale, height / resized_h / scale
-        left, top, right, bottom = crop
-        image = image.resize((spec.width, spec.height), Image.BILINEAR,
-                             box=(left * fx, top * fy, right * fx, bottom * fy))
+        image.load()
+    except _DECODE_ERRORS as exc:
+        raise BadInput(f"cannot decode image: {exc}", input_name=input_name) from None
+    return Decoded(image, width, height, scale)
+
+
+def crop(decoded: Decoded, spec: ImageInput, *, input_name: str | None = None) -> np.ndarray:
+    """Resize and centre-crop a decoded image into ``spec``'s (height, width, 3) uint8 array."""
+    resized_w, resized_h, (left, top, right, bottom) = _geometry(decoded.width, decoded.height, spec)
+    # The crop box of the reference pipeline (resize to resized_w x resized_h, then crop),
+    # mapped back to decoded pixels: one resampling step gives the same filter taps.
+    fx = decoded.width / resized_w / decoded.scale
+    fy = decoded.height / resized_h / decoded.scale
+    try:
+        image = decoded.image.resize((spec.width, spec.height), Image.BILINEAR,
+                                     box=(left * fx, top * fy, right * fx, bottom * fy))
         if image.mode != "RGB":
             image = image.convert("RGB")
         array = np.asarray(image)

@@ -65,18 +65,24 @@ class Model:
             return cls(bundle.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
 
         runtimes = {name: make(name, threads) for name in classes}
+        # Checked before anything runs: a graph that does not fit its bundle fails with the reason.
+        self.runtime = next(iter(runtimes.values()))
+        self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
+        self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
+        self._check_signature()
         self.engine = _fastest(runtimes, bundle) if len(runtimes) > 1 else next(iter(runtimes))
         self.runtime = runtimes.pop(self.engine)
         for loser in runtimes.values():
             loser.close()
         if len(classes) > 1:
             self.precision_reason += f"; {self.engine} was the fastest"
+        if plan.precision == "int8" and self.engine == "openvino":
+            self.precision_reason += f"; its float layers at {self.runtime.inference_precision}"
         # Batches that run beside others: on every core's share of threads (see batching.Batcher).
         thin = can_thin[self.engine] and concurrent_batches > 1
         self.thin_runtime = make(self.engine, max(1, cores // concurrent_batches)) if thin else self.runtime
         self.input = self._pick(self.runtime.inputs, bundle.input.name, "input")
         self.output = self._pick(self.runtime.outputs, bundle.output.name, "output")
-        self._check_signature()
         self.warm_up()
 
     @classmethod

@@ -33,9 +33,10 @@ def default_bundle(model_home) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model(default_bundle):
+    """The reference answers: ONNX Runtime at fp32 (a server's `auto` may run bf16 where it was checked)."""
     from modelport.model import Model
 
-    return Model.load(default_bundle)
+    return Model.load(default_bundle, precision="fp32")
 
 
 @pytest.fixture(scope="session")

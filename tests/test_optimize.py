@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from modelport import samples
+from modelport.errors import BundleError
 from modelport.model import Model
 from modelport.optimize.int8 import sample_evaluation
 from modelport.optimize.report import reencode
@@ -59,8 +60,10 @@ def optimized(default_bundle, tmp_path_factory):
 def test_the_int8_version_is_published_with_a_report_its_bundles_confirm(optimized, default_bundle):
     repo, bundle, report = optimized
     assert report["passed"] and sorted(p.name for p in (repo / INT8).iterdir()) == ["1"]  # no staging left
-    fp32, int8 = Model.load(default_bundle), Model.load(bundle)
+    fp32, int8 = Model.load(default_bundle, precision="fp32"), Model.load(bundle)  # the gate's reference: ORT fp32
     assert int8.bundle.metadata["precision"] == "int8" and int8.bundle.metadata["optimized_from"] == "1"
+    # auto: the engine the gate measured, recorded in the version, is the one it runs on.
+    assert int8.engine == int8.bundle.metadata["engine"] == report["engine"] and int8.precision == "int8"
     photos = sample_evaluation()
     crops = np.stack([fp32.decode(d) for d in photos])
     f, q = fp32.predict(crops), int8.predict(crops)
@@ -77,6 +80,35 @@ def test_the_int8_version_is_published_with_a_report_its_bundles_confirm(optimiz
     assert "/_fc/Gemm" in report["fp32_layers"] and "/Softmax" in report["fp32_layers"]  # the head, always
     assert len(report["fp32_layers"]) <= 2 + 8  # and at most 8 layers chosen by sensitivity
     assert {s["batch"] for s in report["speed"]} == {1, 8} and all(s["ratio"] > 0 for s in report["speed"])
+
+
+def test_every_installed_engine_was_checked_and_the_fastest_passing_one_kept(optimized):
+    _, _, report = optimized
+    engines = report["engines"]
+    assert set(engines) == {"onnxruntime", "openvino"}  # both installed with [all]
+    passing = {name: e["speedup"]["8"] for name, e in engines.items() if e["passed"]}
+    assert report["engine"] == max(passing, key=passing.get)
+    assert {t["engine"] for t in report["candidates"]} == set(engines)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_the_int8_version_gives_the_right_labels_on_either_engine(optimized, images, engine):
+    _, bundle, _ = optimized
+    model = Model.load(bundle, engine=engine, precision="int8")
+    try:
+        crops = np.stack([model.decode(images[name].read_bytes()) for name in ("cat", "espresso")])
+        top = model.predict(crops).argmax(1)
+        assert top[0] in samples.KNOWN["chelsea"] and top[1] in samples.KNOWN["coffee"]
+        assert model.engine == engine and model.precision == "int8"
+    finally:
+        model.close()
+
+
+def test_an_int8_version_refuses_fp32_and_bf16(optimized):
+    _, bundle, _ = optimized
+    for precision in ("fp32", "bf16"):
+        with pytest.raises(BundleError, match=f"precision = '{precision}', but this version is an INT8 model"):
+            Model.load(bundle, precision=precision)
 
 
 def test_the_int8_version_serves_and_says_what_it_is(optimized, images, tmp_path):
@@ -136,6 +168,6 @@ def test_retrain_int8_publishes_a_quantized_version_with_accuracy(tmp_path, defa
     assert versions == ["1", "2"]
     report = json.loads((tmp_path / "models" / "things" / "2" / "optimize-report.json").read_text())
     a = report["agreement"]
-    assert a["accuracy_fp32"] is not None and a["accuracy_int8"] >= a["accuracy_fp32"] - 0.005
+    assert a["accuracy_fp32"] is not None and a["accuracy_reduced"] >= a["accuracy_fp32"] - 0.005
     assert Model.load(tmp_path / "models" / "things" / "2").bundle.metadata["precision"] == "int8"
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,11 +23,15 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_bundle
-from modelport import Client, samples
+from modelport import Client, imaging, samples
 from modelport.bundle import write_config
 from modelport.errors import BundleError
 from modelport.model import Model
+from modelport.pipeline import service as pipeline_service
 from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
+from modelport.pipeline.service import PipelineService, _Images
+from modelport.registry import READY, Registry
+from modelport.service import ModelService, Timing
 from servers import Gate, Server, free_port, make_gate_bundle, metric, raw_dealer, wait_until
 
 CHEAP, ACCURATE, HEAD = "efficientnet-lite0", "accurate", "flowers-head"
@@ -425,3 +431,121 @@ def test_the_deadline_holds_across_steps_and_later_steps_are_not_run(tmp_path, i
     finally:
         gate.open()
         server.stop()
+
+
+# -- one decode per image per request -------------------------------------------------------------
+
+LITE2_LIKE = "lite2-geometry"  # Lite2's input geometry (260 px crop of a 297 px resize) on a tiny graph
+
+
+@pytest.fixture(scope="module")
+def lite2_like(default_bundle, tmp_path_factory) -> Path:
+    labels = (default_bundle / "labels.txt").read_text().splitlines()
+    return make_tiny_bundle(tmp_path_factory.mktemp("lite2-like") / LITE2_LIKE / "1", classes=1000, size=260,
+                            dtype="uint8", layout="NHWC", labels=labels, seed=7, input__resize_shorter=297)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[tuple[str, int]]:
+    """(decoder, DCT scale) of every image decode from now on, in this process, decode threads too."""
+    from PIL import Image
+
+    seen, real = [], Image._getdecoder
+
+    def counting(mode, decoder_name, args, extra=()):
+        if decoder_name != "raw":  # raw: pixels copied from memory, not decoded
+            seen.append((decoder_name, extra[0] if decoder_name == "jpeg" else 1))
+        return real(mode, decoder_name, args, extra)
+
+    monkeypatch.setattr(Image, "_getdecoder", counting)
+    return seen
+
+
+def _resized(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+
+
+def _sharing_photos() -> list[bytes]:
+    """Photos on which a 256 px and a 297 px resize take the same DCT scale: 1/1 under 1536 px
+    on the shorter side, 1/2 at 2400 px (grey too), and a PNG, never drafted."""
+    import io
+
+    from PIL import Image
+
+    cat, coffee = samples.photo("chelsea"), samples.photo("coffee")
+    png = io.BytesIO()
+    Image.fromarray(_resized(coffee, 900, 600)).save(png, format="PNG")
+    return [samples.jpeg(coffee), samples.jpeg(_resized(cat, 3200, 2400)),
+            samples.jpeg(_resized(cat, 2400, 3200)[..., 0]), png.getvalue()]
+
+
+def _images(photos: list[bytes], pool) -> _Images:
+    return _Images(photos, None, Timing(), pool=pool, max_pixels=imaging.DEFAULT_MAX_PIXELS)
+
+
+async def test_an_image_is_decoded_once_for_two_input_sizes_and_each_crop_is_what_decode_gives(
+        models, lite2_like, decodes):
+    specs = models[CHEAP].spec, Model.load(lite2_like, name=LITE2_LIKE).spec
+    # 1536 px on the shorter side: 1/2 covers a 256 px resize three times over, not a 297 px one.
+    # Decoding once at 1/1 would change the 224 px crop: that photo is decoded again instead.
+    between = samples.jpeg(_resized(samples.photo("chelsea"), 2048, 1536))
+    for photos, expected in ((_sharing_photos(), [("jpeg", 1), ("jpeg", 2), ("jpeg", 2), ("zip", 1)]),
+                             ([between], [("jpeg", 2), ("jpeg", 1)])):
+        alone = [np.stack([imaging.decode(p, spec) for p in photos]) for spec in specs]
+        decodes.clear()
+        with ThreadPoolExecutor(1) as pool:
+            source = _images(photos, pool)
+            for spec, crops in zip(specs, alone):
+                assert np.array_equal(await source.crops(spec, np.arange(len(photos)), keep_decoded=True), crops)
+        assert decodes == expected
+
+
+@pytest.mark.parametrize("room, decoded_again", [(0, False), (-1, True)])
+async def test_a_request_keeps_decoded_images_up_to_its_limit_and_until_forgotten(
+        models, lite2_like, decodes, monkeypatch, room, decoded_again):
+    photo = _sharing_photos()[1]  # 3200 x 2400, decoded at 1/2: 1600 x 1200 x 3 bytes
+    monkeypatch.setattr(pipeline_service, "KEEP_DECODED_BYTES", 1600 * 1200 * 3 + room)
+    cheap, accurate = models[CHEAP].spec, Model.load(lite2_like, name=LITE2_LIKE).spec
+    decodes.clear()  # the sample photo's own
+    with ThreadPoolExecutor(1) as pool:
+        source = _images([photo], pool)
+        await source.crops(cheap, np.arange(1), keep_decoded=True)
+        await source.crops(accurate, np.arange(1), keep_decoded=True)
+        assert len(decodes) == (2 if decoded_again else 1)
+        source.forget([0])  # the row goes no further: a third size would need a new decode
+        await source.crops(replace(accurate, height=240, width=240), np.arange(1), keep_decoded=False)
+        assert len(decodes) == (3 if decoded_again else 2)
+
+
+async def test_a_cascade_decodes_each_escalated_image_once_and_an_ensemble_each_image_once(
+        default_bundle, lite2_like, tmp_path, decodes):
+    photos = _sharing_photos()
+    cheap, accurate = Model.load(default_bundle, name=CHEAP), Model.load(lite2_like, name=LITE2_LIKE)
+    expected = {m.name: m.predict(np.stack([m.decode(p) for p in photos])) for m in (cheap, accurate)}
+    decodes.clear()
+    registry = Registry()
+    with ThreadPoolExecutor(2) as pool:
+        services = [ModelService(m, decode_pool=pool) for m in (cheap, accurate)]
+        for service in services:
+            service.start()
+            registry.set_state(service.name, 1, READY, service=service)
+        try:
+            for kind, extra in (("cascade", "escalate_below = 1.0"), ("ensemble", "")):
+                config = read_pipeline(write_pipeline(tmp_path, kind, f'kind = "{kind}"\n'
+                                                      f'steps = ["{CHEAP}", "{LITE2_LIKE}"]\n{extra}\n'))
+                pipeline = PipelineService(kind, config, registry, decode_pool=pool,
+                                           max_pixels=imaging.DEFAULT_MAX_PIXELS, max_images=16)
+                timing = Timing()
+                answer = (await pipeline.infer_images(photos, deadline=None, timing=timing))["probabilities"]
+                assert len(decodes) == len(photos), (kind, decodes)
+                decodes.clear()
+                if kind == "cascade":  # every row escalated (no top-1 reaches 1.0), each decoded once
+                    assert timing.answered_by == [LITE2_LIKE] * len(photos)
+                    assert np.allclose(answer, expected[LITE2_LIKE], atol=1e-6)
+                else:
+                    assert np.allclose(answer, (expected[CHEAP] + expected[LITE2_LIKE]) / 2, atol=1e-6)
+        finally:
+            for service in services:
+                await service.close()

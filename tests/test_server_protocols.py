@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelport import samples
+from modelport.model import Model
 
 MODEL = "efficientnet-lite0"
 CAT = samples.KNOWN["chelsea"]
@@ -159,7 +160,16 @@ def test_v2_binary_raw_jpeg_in_binary_probabilities_out(http, images):
     assert probs[0].argmax() in CAT and probs[1].argmax() == 967
 
 
-def test_v2_raw_tensor_matches_local_pipeline(http, images, default_model):
+@pytest.fixture(scope="module")
+def served_model(default_bundle):
+    """The default model as the server loads it (`auto`: bf16 on OpenVINO where it was checked at build)."""
+    model = Model.load(default_bundle)
+    yield model
+    model.close()
+
+
+def test_v2_raw_tensor_matches_local_pipeline(http, images, served_model):
+    default_model = served_model
     crop = default_model.decode(images["espresso"].read_bytes())[None]
     body, headers = _binary_request({
         "inputs": [{"name": "image", "shape": list(crop.shape), "datatype": "UINT8",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from modelport import imaging, repository
 from modelport.bundle import CONFIG_FILE, load_bundle
-from modelport.errors import BadInput, BundleError
+from modelport.errors import BadInput, BundleError, MissingExtra
 from modelport.model import Model
 from modelport.optimize import quantize as q
 from modelport.optimize import report as r
@@ -58,18 +59,21 @@ class Refused(BundleError):
 def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[bytes] | None = None, *,
              labels: Sequence[int] | None = None, target_dir: Path | None = None, recipe: q.Recipe = q.Recipe(),
              min_agreement: float = 0.995, min_top5: float = 0.99,
-             candidates: Sequence[int] = CANDIDATE_FP32_LAYERS,
+             candidates: Sequence[int] = CANDIDATE_FP32_LAYERS, engine: str = "auto",
              progress: Callable[[str], None] = lambda message: None) -> tuple[Path, r.Report]:
     """Quantize the bundle at ``source`` (a version directory). Returns (new version dir, report);
     raises ``Refused`` (nothing written) when no candidate passes.
 
     ``evaluation``: held-out images; None splits the calibration images (two thirds calibrate).
     ``labels``: class indices of the evaluation images, for accuracy.
+    ``engine``: the engine the gate checks the INT8 model on, and the new version runs on; ``auto``
+    checks every installed one and keeps the fastest that passes (one graph serves both).
     """
     bundle = load_bundle(source)
     if bundle.runtime != "onnx":
         raise BadInput(f"{source}: modelport optimize quantizes ONNX models; this bundle's runtime is "
                        f"{bundle.runtime!r}")
+    engines = gated_engines(engine)
     if len(calibration) < 8:
         raise BadInput(f"{len(calibration)} calibration images: give at least 8 (100-500 is typical)")
     if evaluation is None:
@@ -79,13 +83,13 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
         raise BadInput("no evaluation images: pass --eval, or more calibration images to split")
     fp32 = Model(bundle, engine="onnxruntime", precision="fp32")  # the reference: today's exact answers
     progress(f"decoding {len(calibration)} calibration and {len(evaluation)} evaluation images")
-    calibration_crops = _crops(fp32, calibration[:MAX_CALIBRATION])
-    evaluation_crops = _crops(fp32, evaluation)
-    reencoded_crops = _crops(fp32, [r.reencode(data) for data in evaluation])
+    calibration_crops = crops_of(fp32, calibration[:MAX_CALIBRATION])
+    evaluation_crops = crops_of(fp32, evaluation)
+    reencoded_crops = crops_of(fp32, [r.reencode(data) for data in evaluation])
     calibration_inputs = imaging.to_model_input(calibration_crops, bundle.input)
     input_name = fp32.input.name
-    fp32_probabilities = _predict(fp32, evaluation_crops)
-    reencoded = _predict(fp32, reencoded_crops)
+    fp32_probabilities = predict_all(fp32, evaluation_crops)
+    reencoded = predict_all(fp32, reencoded_crops)
     truth = np.asarray(labels) if labels is not None else None
 
     with tempfile.TemporaryDirectory(prefix="modelport-optimize-") as tmp:
@@ -104,52 +108,78 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
             path = whole if keep == 0 else q.quantize(prepared, tmp / f"int8-{keep}.onnx", input_name,
                                                       calibration_inputs, recipe=recipe,
                                                       exclude=head + q.with_followers(prepared, names))
-            int8 = _bundle_model(bundle, path, tmp / f"bundle-{keep}")
-            result = r.agreement(fp32_probabilities, _predict(int8, evaluation_crops), reencoded=reencoded,
-                                 truth=truth)
-            reasons = r.gate(result, min_agreement=min_agreement, min_top5=min_top5)
             names = head + names
-            tried.append({"fp32_layers": names, "agreement": result.__dict__, "passed": not reasons,
-                          "reasons": reasons})
-            progress(f"classifier head and {keep} layer(s) kept in fp32: confident top-1 agreement "
-                     f"{_percent(result.top1_confident)}, INT8 top-1 in fp32 top-5 {result.in_top5:.1%}"
-                     + ("" if not reasons else " - not enough"))
-            if not reasons:
-                chosen = (names, path, int8, result)
+            passed = {}
+            for name in engines:
+                int8 = _bundle_model(bundle, path, tmp / f"bundle-{keep}-{name}", engine=name)
+                result = r.agreement(fp32_probabilities, predict_all(int8, evaluation_crops), reencoded=reencoded,
+                                     truth=truth)
+                reasons = r.gate(result, min_agreement=min_agreement, min_top5=min_top5)
+                tried.append({"fp32_layers": names, "engine": name, "agreement": result.__dict__,
+                              "passed": not reasons, "reasons": reasons})
+                progress(f"classifier head and {keep} layer(s) kept in fp32, on {name}: confident top-1 agreement "
+                         f"{_percent(result.top1_confident)}, INT8 top-1 in fp32 top-5 {result.in_top5:.1%}"
+                         + ("" if not reasons else " - not enough"))
+                if reasons:
+                    int8.close()
+                else:
+                    passed[name] = (int8, result)
+            if passed:
+                chosen = (names, path, passed)
                 break
-            int8.close()
         if chosen is None:
             last = tried[-1]
             report = r.Report(recipe.describe(), last["fp32_layers"], r.Agreement(**last["agreement"]), [], False,
-                              last["reasons"], tried)
+                              last["reasons"], tried, engine=last["engine"])
             raise Refused(f"INT8 model not published: {'; '.join(last['reasons'])} (even with "
                           f"{len(last['fp32_layers'])} layers kept in fp32); nothing was written", report)
-        names, path, int8, result = chosen
-        progress("measuring speed, fp32 and INT8 interleaved")
+        names, path, passed = chosen
+        progress(f"measuring speed, fp32 and INT8 interleaved, on {', '.join(passed)}")
         batches = sorted({1, min(bundle.serving.max_batch_size, 8)})
-        speeds = [r.speed(fp32.run_crops, int8.run_crops, evaluation_crops, batch) for batch in batches]
-        report = r.Report(recipe.describe(), names, result, speeds, True, [], tried)
-        int8.close()
+        speeds = {name: [r.speed(fp32.run_crops, int8.run_crops, evaluation_crops, batch) for batch in batches]
+                  for name, (int8, _) in passed.items()}
+        best = max(speeds, key=lambda name: speeds[name][-1].ratio)  # at the largest batch
+        report = r.Report(recipe.describe(), names, passed[best][1], speeds[best], True, [], tried,
+                          precision="int8", engine=best,
+                          engines={name: {"passed": name in passed,
+                                          "speedup": {s.batch: round(s.ratio, 3) for s in speeds.get(name, [])}}
+                                   for name in engines})
+        for int8, _ in passed.values():
+            int8.close()
         fp32.close()
-        published = _publish(bundle, path, report, target_dir or _next_version(source))
+        published = publish(bundle, path, report, target_dir or next_version(source))
     return published, report
 
 
-def _crops(model: Model, images: Sequence[bytes]) -> np.ndarray:
+def gated_engines(engine: str) -> list[str]:
+    """The engines a gate checks: the one named, or every installed one for ``auto``."""
+    from modelport.runtime.precision import ENGINE_CHOICES, openvino_installed
+
+    if engine not in ENGINE_CHOICES:
+        raise BadInput(f"engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if engine == "openvino" and not openvino_installed():
+        raise MissingExtra("--runtime openvino needs OpenVINO: pip install 'modelport[openvino]'")
+    if engine != "auto":
+        return [engine]
+    return ["onnxruntime", "openvino"] if openvino_installed() else ["onnxruntime"]
+
+
+def crops_of(model: Model, images: Sequence[bytes]) -> np.ndarray:
     return np.stack([model.decode(data) for data in images])
 
 
-def _predict(model: Model, crops: np.ndarray, batch: int = 8) -> np.ndarray:
+def predict_all(model: Model, crops: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([model.probabilities(model.run_crops(crops[i:i + batch], [model.output.name])
                                                [model.output.name]) for i in range(0, len(crops), batch)])
 
 
-def _bundle_model(bundle, model_file: Path, directory: Path) -> Model:
-    """The quantized graph loaded the way the server will load it: as a bundle."""
+def _bundle_model(bundle, model_file: Path, directory: Path, *, engine: str) -> Model:
+    """The quantized graph loaded the way the server will load it: as an INT8 bundle, on ``engine``."""
     directory.mkdir()
     shutil.copy(model_file, directory / bundle.model_file.name)
     _copy_bundle_files(bundle, directory)
-    return Model.load(directory, name=bundle.name, engine="onnxruntime", precision="fp32")
+    set_metadata(directory / CONFIG_FILE, {"precision": "int8", "engine": engine})
+    return Model.load(directory, name=bundle.name, engine=engine, precision="int8")
 
 
 def _copy_bundle_files(bundle, directory: Path) -> None:
@@ -158,13 +188,13 @@ def _copy_bundle_files(bundle, directory: Path) -> None:
             shutil.copy(path, directory / path.name)
 
 
-def _next_version(source: Path) -> Path:
+def next_version(source: Path) -> Path:
     model_dir = source.parent
     numbers = [int(p.name) for p in repository.versions(model_dir)]
     return model_dir / str(max(numbers, default=0) + 1)
 
 
-def _publish(bundle, model_file: Path, report: r.Report, target: Path) -> Path:
+def publish(bundle, model_file: Path, report: r.Report, target: Path) -> Path:
     """Write the new version under a hidden name, then rename it into place: complete when seen."""
     if target.exists():
         raise BadInput(f"{target} exists already; versions are immutable")
@@ -186,22 +216,31 @@ def _publish(bundle, model_file: Path, report: r.Report, target: Path) -> Path:
 
 def _add_metadata(config: Path, bundle, report: r.Report) -> None:
     """The report's headline figures in ``[metadata]`` (shown in V2 model metadata)."""
+    a = report.agreement
+    set_metadata(config, {
+        "precision": report.precision, "engine": report.engine, "optimized_from": str(bundle.version),
+        "recipe": report.recipe, "fp32_layers": len(report.fp32_layers), "agreement_top1": round(a.top1, 4),
+        "agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
+        f"{report.precision}_top1_in_fp32_top5": round(a.in_top5, 4),
+        **{f"speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
+    })
+
+
+# [metadata] keys a check writes: a new check's figures replace the source's, never mix with them.
+REPORT_KEYS = re.compile(r"precision|engine|optimized_from|recipe|fp32_layers|checked_on|agreement_.*|speedup_.*"
+                         r"|(int8|bf16)_top1_in_fp32_top5")
+
+
+def set_metadata(config: Path, values: dict) -> None:
+    """A check's figures in ``[metadata]``, instead of those of any check of the source."""
     import tomllib
 
     from modelport.bundle import write_config
 
     raw = tomllib.loads(config.read_text(encoding="utf-8"))
     raw.pop("version", None)  # the directory names the version
-    metadata = dict(raw.get("metadata", {}))
-    a = report.agreement
-    metadata.update({
-        "precision": "int8", "optimized_from": str(bundle.version), "recipe": report.recipe,
-        "fp32_layers": len(report.fp32_layers), "agreement_top1": round(a.top1, 4),
-        "agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
-        "int8_top1_in_fp32_top5": round(a.in_top5, 4),
-        **{f"speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
-    })
-    raw["metadata"] = metadata
+    kept = {k: v for k, v in raw.get("metadata", {}).items() if not REPORT_KEYS.fullmatch(k)}
+    raw["metadata"] = {**kept, **values}
     write_config(config.parent, raw)
 
 

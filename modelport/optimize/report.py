@@ -1,8 +1,9 @@
-"""What an INT8 model kept of the fp32 model's answers, and what it gained in speed.
+"""What a reduced-precision model (INT8, or bf16) kept of the fp32 model's answers, and what it
+gained in speed.
 
 Overall top-1 agreement alone misleads: on photos whose content is no class of the model, the fp32
 model is unsure and near-ties flip on any perturbation. So the report splits agreement by the fp32
-model's own confidence, counts how often the INT8 answer is still among fp32's top five, and
+model's own confidence, counts how often the reduced answer is still among fp32's top five, and
 measures a yardstick: how often fp32 changes its own answer when the same photo is merely
 re-encoded as JPEG quality 90.
 """
@@ -22,27 +23,27 @@ CLEAR_MARGIN = 0.2  # fp32 top-1 minus top-2 at or above which the answer counts
 @dataclass
 class Agreement:
     images: int
-    top1: float  # INT8 top-1 == fp32 top-1, over every image
+    top1: float  # reduced top-1 == fp32 top-1, over every image
     confident_images: int
     top1_confident: float | None  # over images where fp32's top-1 probability >= CONFIDENT
     clear_images: int
     top1_clear: float | None  # over images where fp32's top-1 leads top-2 by >= CLEAR_MARGIN
-    in_top5: float  # INT8 top-1 inside fp32's top 5
-    top5_overlap: float  # |top5(INT8) & top5(fp32)| / 5, averaged
+    in_top5: float  # reduced top-1 inside fp32's top 5
+    top5_overlap: float  # |top5(reduced) & top5(fp32)| / 5, averaged
     jpeg_yardstick: float | None  # fp32 == fp32 on the same photo re-encoded as JPEG q90
     accuracy_fp32: float | None = None  # with labelled folders
-    accuracy_int8: float | None = None
+    accuracy_reduced: float | None = None
 
 
 @dataclass
 class Speed:
     batch: int
     fp32_per_s: float
-    int8_per_s: float
+    reduced_per_s: float
 
     @property
     def ratio(self) -> float:
-        return self.int8_per_s / self.fp32_per_s
+        return self.reduced_per_s / self.fp32_per_s
 
 
 @dataclass
@@ -54,26 +55,29 @@ class Report:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     candidates: list[dict] = field(default_factory=list)  # each candidate tried: fp32 layers, agreement
+    precision: str = "int8"  # what the new version runs at
+    engine: str = "onnxruntime"  # what it was checked (and will run) on
+    engines: dict = field(default_factory=dict)  # every engine checked: agreement, passed, reasons, speed
 
     def as_dict(self) -> dict:
         data = asdict(self)
         for entry in data["speed"]:
-            entry["ratio"] = entry["int8_per_s"] / entry["fp32_per_s"]
+            entry["ratio"] = entry["reduced_per_s"] / entry["fp32_per_s"]
         return data
 
 
-def agreement(fp32: np.ndarray, int8: np.ndarray, *, reencoded: np.ndarray | None = None,
+def agreement(fp32: np.ndarray, reduced: np.ndarray, *, reencoded: np.ndarray | None = None,
               truth: np.ndarray | None = None) -> Agreement:
-    """``fp32``/``int8``: probabilities (N, classes) on the same crops; ``reencoded``: fp32 on the
+    """``fp32``/``reduced``: probabilities (N, classes) on the same crops; ``reencoded``: fp32 on the
     same photos re-encoded as JPEG q90; ``truth``: class indices, for labelled sets."""
-    f_top, q_top = fp32.argmax(axis=1), int8.argmax(axis=1)
+    f_top, q_top = fp32.argmax(axis=1), reduced.argmax(axis=1)
     same = f_top == q_top
     ordered = np.sort(fp32, axis=1)
     confident = ordered[:, -1] >= CONFIDENT
     clear = (ordered[:, -1] - ordered[:, -2]) >= CLEAR_MARGIN if fp32.shape[1] > 1 else confident
     k = min(5, fp32.shape[1])
     f_top5 = np.argsort(-fp32, axis=1)[:, :k]
-    q_top5 = np.argsort(-int8, axis=1)[:, :k]
+    q_top5 = np.argsort(-reduced, axis=1)[:, :k]
     in_top5 = np.mean([q in row for q, row in zip(q_top, f_top5)])
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(f_top5, q_top5)])
     return Agreement(
@@ -83,11 +87,11 @@ def agreement(fp32: np.ndarray, int8: np.ndarray, *, reencoded: np.ndarray | Non
         in_top5=float(in_top5), top5_overlap=float(overlap),
         jpeg_yardstick=float((reencoded.argmax(axis=1) == f_top).mean()) if reencoded is not None else None,
         accuracy_fp32=float((f_top == truth).mean()) if truth is not None else None,
-        accuracy_int8=float((q_top == truth).mean()) if truth is not None else None)
+        accuracy_reduced=float((q_top == truth).mean()) if truth is not None else None)
 
 
-def gate(result: Agreement, *, min_agreement: float, min_top5: float) -> list[str]:
-    """Why the INT8 model must not be published; empty when it may."""
+def gate(result: Agreement, *, min_agreement: float, min_top5: float, precision: str = "int8") -> list[str]:
+    """Why the reduced-precision model must not be published; empty when it may."""
     reasons = []
     if result.top1_confident is None:
         reasons.append(f"no evaluation image is one the fp32 model is sure of (top-1 >= {CONFIDENT}); "
@@ -96,7 +100,7 @@ def gate(result: Agreement, *, min_agreement: float, min_top5: float) -> list[st
         reasons.append(f"top-1 agreement on confident images {result.top1_confident:.2%} < {min_agreement:.2%} "
                        f"({result.confident_images} images)")
     if result.in_top5 < min_top5:
-        reasons.append(f"INT8 top-1 inside fp32's top-5 on {result.in_top5:.2%} of images < {min_top5:.2%}")
+        reasons.append(f"{precision.upper()} top-1 inside fp32's top-5 on {result.in_top5:.2%} of images < {min_top5:.2%}")
     return reasons
 
 
@@ -109,11 +113,11 @@ def reencode(data: bytes, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
-def speed(run_fp32, run_int8, crops: np.ndarray, batch: int, seconds: float = 1.5) -> Speed:
-    """Images a second of each, measured interleaved (fp32, int8, fp32, ...) so that drift hits both."""
+def speed(run_fp32, run_reduced, crops: np.ndarray, batch: int, seconds: float = 1.5) -> Speed:
+    """Images a second of each, measured interleaved (fp32, reduced, fp32, ...) so that drift hits both."""
     batch_crops = crops[:batch] if len(crops) >= batch else np.resize(crops, (batch, *crops.shape[1:]))
-    totals = {"fp32": [0, 0.0], "int8": [0, 0.0]}
-    runs = {"fp32": run_fp32, "int8": run_int8}
+    totals = {"fp32": [0, 0.0], "reduced": [0, 0.0]}
+    runs = {"fp32": run_fp32, "reduced": run_reduced}
     for run in runs.values():
         run(batch_crops)  # warm
     deadline = time.monotonic() + seconds
@@ -123,4 +127,4 @@ def speed(run_fp32, run_int8, crops: np.ndarray, batch: int, seconds: float = 1.
             run(batch_crops)
             totals[name][0] += batch
             totals[name][1] += time.perf_counter() - start
-    return Speed(batch, totals["fp32"][0] / totals["fp32"][1], totals["int8"][0] / totals["int8"][1])
+    return Speed(batch, totals["fp32"][0] / totals["fp32"][1], totals["reduced"][0] / totals["reduced"][1])

@@ -3,9 +3,10 @@
 Every step is looked up in the registry on each request and runs through that model's own
 batcher, queue and admission limits, so pipeline traffic and direct traffic batch together, and
 a step's new version is picked up like any client would pick it up. The request's deadline holds
-across steps. An encoded image is decoded once per input geometry a step needs, only for the rows
-that reach that step, and only when it runs (a cascade's cheap step at 224 px, the accurate one at
-260 px for the images it escalates).
+across steps. An encoded image is decoded once per request, when the first step that needs it
+runs, and cropped for each input geometry the steps take, only for the rows that reach them (a
+cascade's cheap step at 224 px, the accurate one at 260 px for the images it escalates, cropped
+from the same decoded image).
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ from typing import Sequence
 
 import numpy as np
 
+from modelport import imaging
 from modelport.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
 from modelport.predictions import Prediction, confidence, top_k
 from modelport.registry import Registry
 from modelport.runtime import TensorSpec
-from modelport.service import Stats, Timing, _check_deadline, check_rows, decode_all
+from modelport.service import Stats, Timing, _check_deadline, check_rows
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")
 PLATFORM = "modelport_pipeline"
+# Decoded images one request keeps for its later steps, at most: 256 phone photos would hold 2 GB
+# (12 MP, decoded at 1/2 scale). 64 MiB holds ~110 ImageNet-size photos; a row past it that goes
+# on to another input size is decoded again.
+KEEP_DECODED_BYTES = 64 << 20
 
 
 @dataclass
@@ -177,7 +183,8 @@ class PipelineService:
         if not self.model.takes_images:
             raise BadInput(f"pipeline {self.name!r} takes tensors ({self.model.input.name!r}), not images",
                            input_name=input_name)
-        return await self._run(services, _Images(list(images), self, input_name, timing), deadline, timing)
+        source = _Images(list(images), input_name, timing, pool=self._decode_pool, max_pixels=self.max_pixels)
+        return await self._run(services, source, deadline, timing)
 
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         self.check_tensor(array)
@@ -211,9 +218,10 @@ class PipelineService:
         answered_by = [""] * rows
         remaining = np.arange(rows)
         for i, service in enumerate(services):
-            outputs = await self._step(service, source, remaining, deadline, timing)
+            last = i == len(services) - 1
+            outputs = await self._step(service, source, remaining, deadline, timing, keep_decoded=not last)
             probabilities = service.model.probabilities(outputs[service.model.output.name])
-            if i == len(services) - 1:  # the last step always answers
+            if last:  # the last step always answers
                 done = np.ones(len(remaining), bool)
             else:
                 done = confidence(probabilities, self.config.confidence) >= self.config.escalate_below[i]
@@ -222,6 +230,8 @@ class PipelineService:
                 answered_by[row] = service.name
             if self._observer is not None:
                 self._observer.observe_pipeline_step(self.name, service.name, int(done.sum()))
+            if isinstance(source, _Images):
+                source.forget(remaining[done])
             remaining = remaining[~done]
             if not len(remaining):
                 break
@@ -230,7 +240,8 @@ class PipelineService:
 
     async def _ensemble(self, services, source, deadline, timing) -> dict[str, np.ndarray]:
         every = np.arange(source.rows)
-        answers = await asyncio.gather(*(self._step(s, source, every, deadline, timing) for s in services))
+        answers = await asyncio.gather(*(self._step(s, source, every, deadline, timing, keep_decoded=True)
+                                         for s in services))
         total = sum(w * s.model.probabilities(a[s.model.output.name]).astype(np.float32)
                     for w, s, a in zip(self.config.weights, services, answers))
         for service in services:
@@ -246,7 +257,8 @@ class PipelineService:
             outputs = await self._step(service, _Tensor(value), every, deadline, timing)
         return outputs
 
-    async def _step(self, service, source, rows: np.ndarray, deadline, timing: Timing) -> dict[str, np.ndarray]:
+    async def _step(self, service, source, rows: np.ndarray, deadline, timing: Timing, *,
+                    keep_decoded: bool = False) -> dict[str, np.ndarray]:
         _check_deadline(deadline)
         step_timing = Timing()
         timing.steps.append((service.name, step_timing))
@@ -255,7 +267,7 @@ class PipelineService:
         if isinstance(service, PipelineService):  # a nested pipeline decodes for its own steps
             return await service.infer_images(source.take(rows), deadline=deadline, timing=step_timing,
                                               input_name=source.input_name)
-        crops = await source.crops(service.model, rows)
+        crops = await source.crops(service.model.spec, rows, keep_decoded=keep_decoded)
         return await service.infer_crops(crops, deadline=deadline, timing=step_timing)
 
 
@@ -269,35 +281,70 @@ class _Tensor:
 
 
 class _Images:
-    """Encoded images, decoded per input geometry on first need, only the rows asked for."""
+    """Encoded images, decoded once on first need and cropped per input geometry, only the rows asked for.
 
-    def __init__(self, images: list[bytes], pipeline: PipelineService, input_name: str | None, timing: Timing) -> None:
+    A row's decoded image stays (up to ``KEEP_DECODED_BYTES``) for the later steps that may crop
+    it at another size, until the pipeline says the row goes no further.
+    """
+
+    def __init__(self, images: list[bytes], input_name: str | None, timing: Timing, *, pool: ThreadPoolExecutor,
+                 max_pixels: int) -> None:
         self.images = images
         self.rows = len(images)
         self.input_name = input_name
-        self._pipeline = pipeline
         self._timing = timing
+        self._pool = pool
+        self._max_pixels = max_pixels
         self._crops: dict[tuple, dict[int, np.ndarray]] = {}
-        self._locks: dict[tuple, asyncio.Lock] = {}
+        self._decoded: dict[int, imaging.Decoded] = {}
+        self._kept_bytes = 0
+        # One lock for every geometry: an ensemble's steps ask at once, and the second must find
+        # the first's decoded images.
+        self._lock = asyncio.Lock()
 
     def take(self, rows: np.ndarray) -> list[bytes]:
         return [self.images[i] for i in rows]
 
-    async def crops(self, model, rows: np.ndarray) -> np.ndarray:
+    async def crops(self, spec: ImageInput, rows: np.ndarray, *, keep_decoded: bool) -> np.ndarray:
         # Models that crop alike share crops, whatever their normalisation (applied per batch).
-        geometry = (model.spec.height, model.spec.width, model.spec.resize_shorter, model.spec.channel_order)
+        geometry = (spec.height, spec.width, spec.resize_shorter, spec.channel_order)
         cache = self._crops.setdefault(geometry, {})
-        lock = self._locks.setdefault(geometry, asyncio.Lock())
-        async with lock:  # an ensemble's steps ask at once: decode once, not once each
+        async with self._lock:
             missing = [int(i) for i in rows if int(i) not in cache]
             if missing:
                 start = time.monotonic()
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._pipeline._decode_pool, decode_all, model, [self.images[i] for i in missing],
-                    self._pipeline.max_pixels, self.input_name)
+                crops, kept = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._decode, spec, missing, keep_decoded)
                 self._timing.decode_s += time.monotonic() - start
-                cache.update(zip(missing, decoded))
+                cache.update(zip(missing, crops))
+                for i, decoded in kept.items():
+                    self.forget([i])
+                    self._decoded[i] = decoded
+                    self._kept_bytes += decoded.nbytes
         return np.stack([cache[int(i)] for i in rows])
+
+    def forget(self, rows: Sequence[int] | np.ndarray) -> None:
+        """These rows go to no further step: their decoded images can go."""
+        for i in rows:
+            decoded = self._decoded.pop(int(i), None)
+            if decoded is not None:
+                self._kept_bytes -= decoded.nbytes
+
+    def _decode(self, spec: ImageInput, rows: list[int], keep: bool
+                ) -> tuple[list[np.ndarray], dict[int, imaging.Decoded]]:
+        """On a decode thread, under ``crops``'s lock; ``forget`` runs between a cascade's steps,
+        never during this, so ``_decoded`` holds still."""
+        crops, kept = [], {}
+        room = KEEP_DECODED_BYTES - self._kept_bytes if keep else 0
+        for i in rows:
+            before = self._decoded.get(i)
+            decoded = imaging.load(self.images[i], spec, max_pixels=self._max_pixels, input_name=self.input_name,
+                                   reuse=before)
+            crops.append(imaging.crop(decoded, spec, input_name=self.input_name))
+            if decoded is not before and decoded.nbytes <= room:
+                kept[i] = decoded
+                room -= decoded.nbytes
+        return crops, kept
 
 
 def _check(config: PipelineConfig, services: Sequence) -> PipelineModel:

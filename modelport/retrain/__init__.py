@@ -62,7 +62,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
     check_name(name)  # the same rule the repository and the server apply
     data, output = Path(data), Path(output)
     split = dataset_module.scan(data, val_fraction=val_fraction, seed=seed, min_per_class=min_per_class)
-    model = Model.load(repository.resolve(backbone))
+    model = Model.load(repository.resolve(backbone), precision="fp32")  # features as the exported graph computes them
     cache = FeatureCache(Path(cache_dir or default_model.model_home() / "features") / backbone_id(model))
 
     examples = split.train + split.val
