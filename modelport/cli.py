@@ -202,7 +202,7 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
     existing = [int(p.name) for p in repository.versions(target_model)]
     target = target_model / str(max(existing, default=0) + 1)
     with tempfile.TemporaryDirectory(prefix="modelport-build-") as tmp:
-        fp32 = build(name, Path(tmp) / name / "1", runtime="onnx")
+        fp32 = build(name, Path(tmp) / name / "1", runtime="onnx", checks=False)  # quantized below
         _optimize_and_report(lambda progress: run(fp32, sample_calibration(), sample_evaluation(), target_dir=target,
                                                   min_agreement=min_agreement, min_top5=min_top5,
                                                   progress=progress))

@@ -48,12 +48,13 @@ class Model:
         plan = precision_plan(bundle, engine=engine, precision=precision, device=self.device)
         self.precision = plan.precision
         self.precision_reason = plan.reason
+        self.model_file = plan.model_file or bundle.model_file  # a checked INT8 variant, or the bundle's own
         cores = os.cpu_count() or 1
         classes = {name: _engine_class(bundle, name) for name in plan.engines}
         can_thin = {name: threads is None and self.device.kind == "cpu" and getattr(cls, "can_run_thin", False)
                     for name, cls in classes.items()}
         if concurrent_batches is None:
-            small = any(can_thin.values()) and _file_size(bundle.model_file) <= AUTO_THIN_MAX_BYTES
+            small = any(can_thin.values()) and _file_size(self.model_file) <= AUTO_THIN_MAX_BYTES
             concurrent_batches = 2 if small and cores >= 2 else 1
         self.concurrent_batches = concurrent_batches
 
@@ -62,7 +63,7 @@ class Model:
             extra = {"precision": plan.precision} if name == "openvino" else {}
             if can_thin[name] and concurrent_batches > 1 and getattr(cls, "can_share_arena", False):
                 extra["shared_arena"] = True
-            return cls(bundle.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
+            return cls(self.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
 
         runtimes = {name: make(name, threads) for name in classes}
         # Checked before anything runs: a graph that does not fit its bundle fails with the reason.

@@ -35,8 +35,10 @@ RUNTIME_FILES = {"onnx": "model.onnx", "torch": "model.pt"}
 MEAN, STD = 127.0, 128.0
 
 
-def build(name: str, target: Path, *, runtime: str = "onnx") -> Path:
-    """Build ``name`` into the bundle directory ``target`` (created atomically; must not exist)."""
+def build(name: str, target: Path, *, runtime: str = "onnx", checks: bool = True) -> Path:
+    """Build ``name`` into the bundle directory ``target`` (created atomically; must not exist).
+    ``checks``: an ONNX build is also checked at the reduced precisions this machine runs (bf16,
+    INT8), which adds about half a minute for Lite0."""
     if name not in MODELS:
         raise BadInput(f"unknown packaged model {name!r}; available: {', '.join(MODELS)}")
     if runtime not in RUNTIME_FILES:
@@ -98,8 +100,8 @@ def build(name: str, target: Path, *, runtime: str = "onnx") -> Path:
         if runtime == "torch":
             config["outputs"] = ["probabilities", "features"]  # TorchScript has no signature to read
         write_config(staging, config)
-        if runtime == "onnx":
-            _check_bf16(staging, name)
+        if runtime == "onnx" and checks:
+            _check_reduced(staging, name)
         staging.chmod(0o755)  # mkdtemp made it private; a bundle is for every user of the repository
         staging.rename(target)  # atomic: a reader sees no bundle or a complete one
     finally:
@@ -107,32 +109,39 @@ def build(name: str, target: Path, *, runtime: str = "onnx") -> Path:
     return target
 
 
-def _check_bf16(directory: Path, name: str) -> None:
-    """Where this CPU computes bf16 natively, check the model at bf16 on the packaged sample photos
-    and record it when it keeps the answers and is faster: ``precision = "auto"`` then serves it at
-    bf16 (runtime/precision.py). Elsewhere, or without OpenVINO, it stays fp32."""
+def _check_reduced(directory: Path, name: str) -> None:
+    """Check the model at the reduced precisions this machine can run, on the packaged sample
+    photos, with the gate of ``modelport optimize``, and record each that keeps the answers and is
+    faster (bf16: the same file; INT8: its graph beside the fp32 one). ``precision = "auto"`` then
+    serves the fastest of them (runtime/precision.py); with none, the model serves at fp32."""
+    from modelport.bundle import load_bundle
+    from modelport.optimize import bf16, int8
     from modelport.runtime.precision import native_bf16, openvino_installed
 
-    if not (native_bf16() and openvino_installed()):
-        return
-    from modelport.bundle import load_bundle
-    from modelport.optimize import bf16
-    from modelport.optimize.int8 import Refused, sample_evaluation
-
     try:
-        evaluation = sample_evaluation()
+        evaluation = int8.sample_evaluation()
+        calibration = int8.sample_calibration()
     except MissingExtra as exc:
-        logger.info("%s: not checked at bf16 (%s); it serves at fp32", name, exc.message)
+        logger.info("%s: not checked at reduced precisions (%s); it serves at fp32", name, exc.message)
         return
-    try:
-        report = bf16.check(load_bundle(directory, name=name), evaluation, speed_batches=[8])
-    except Refused as exc:
-        logger.warning("%s: %s; it serves at fp32", name, exc.message)
-        return
-    if report.speed[-1].ratio <= 1:
-        logger.info("%s: bf16 kept the answers but was not faster (%.2f x); it serves at fp32", name,
-                    report.speed[-1].ratio)
-        return
-    bf16.mark_checked(directory, report, f"{report.agreement.images} crops of the packaged sample photos, at build")
-    logger.info("%s: checked at bf16 (%.2f x fp32 at batch 8, confident top-1 agreement %.1f %%)", name,
-                report.speed[-1].ratio, 100 * (report.agreement.top1_confident or 0))
+    where = f"{len(evaluation)} crops of the packaged sample photos, at build"
+    if native_bf16() and openvino_installed():
+        try:
+            report = bf16.check(load_bundle(directory, name=name), evaluation, speed_batches=[8])
+        except int8.Refused as exc:
+            logger.warning("%s: %s", name, exc.message)
+        else:
+            if report.speed[-1].ratio > 1:
+                bf16.mark_checked(directory, report, where)
+            logger.info("%s: bf16 keeps the answers, %.2f x fp32 at batch 8", name, report.speed[-1].ratio)
+    with tempfile.TemporaryDirectory(prefix="modelport-int8-") as tmp:
+        try:
+            published, report = int8.optimize(directory, calibration, evaluation, target_dir=Path(tmp) / "1",
+                                              progress=lambda message: logger.debug("%s: %s", name, message))
+        except int8.Refused as exc:
+            logger.warning("%s: %s", name, exc.message)
+            return
+        speedup = report.speed[-1].ratio
+        if speedup > 1:
+            int8.mark_variant(directory, published, report, where)
+        logger.info("%s: INT8 on %s keeps the answers, %.2f x fp32 at batch 8", name, report.engine, speedup)

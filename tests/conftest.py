@@ -40,6 +40,17 @@ def default_model(default_bundle):
 
 
 @pytest.fixture(scope="session")
+def served_model(default_bundle):
+    """The default model as `modelport serve` loads it (`auto`: the fastest precision checked at
+    build on this CPU): the reference for what the default server answers."""
+    from modelport.model import Model
+
+    model = Model.load(default_bundle, concurrent_batches=None)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("images")
     cat, espresso = samples.write_samples(directory)

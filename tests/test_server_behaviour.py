@@ -343,11 +343,12 @@ def test_client_that_never_reads_responses_is_cut_off(tmp_path):
         server.stop()
 
 
-def test_under_load_batches_run_thin_side_by_side_and_a_lone_request_runs_full(default_server, default_model):
+def test_under_load_batches_run_thin_side_by_side_and_a_lone_request_runs_full(default_server, served_model):
     """The default server on this machine's 2+ cores: batches side by side are on by default."""
     from modelport import samples
 
-    assert (default_model.bundle.path / "model.onnx").stat().st_size < 100 * 1024 * 1024
+    default_model = served_model
+    assert default_model.model_file.stat().st_size < 100 * 1024 * 1024
     photos = samples.photo_set(24, seed=21)
     expected = [p[0].label for p in default_model.classify(photos, 1)]
     name = default_model.name

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelport import samples
-from modelport.model import Model
 
 MODEL = "efficientnet-lite0"
 CAT = samples.KNOWN["chelsea"]
@@ -158,14 +157,6 @@ def test_v2_binary_raw_jpeg_in_binary_probabilities_out(http, images):
     assert out["parameters"]["binary_data_size"] == len(raw) == 2 * 1000 * 4
     probs = np.frombuffer(raw, dtype="<f4").reshape(2, 1000)
     assert probs[0].argmax() in CAT and probs[1].argmax() == 967
-
-
-@pytest.fixture(scope="module")
-def served_model(default_bundle):
-    """The default model as the server loads it (`auto`: bf16 on OpenVINO where it was checked at build)."""
-    model = Model.load(default_bundle)
-    yield model
-    model.close()
 
 
 def test_v2_raw_tensor_matches_local_pipeline(http, images, served_model):

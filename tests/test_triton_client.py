@@ -24,7 +24,8 @@ def test_health_and_metadata(triton):
     assert metadata["inputs"][0] == {"name": "image", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}
 
 
-def test_binary_tensor_in_and_out(triton, default_model, images):
+def test_binary_tensor_in_and_out(triton, served_model, images):
+    default_model = served_model
     crop = default_model.decode(images["espresso"].read_bytes())[None]
     tensor = httpclient.InferInput("image", list(crop.shape), "UINT8")
     tensor.set_data_from_numpy(crop, binary_data=True)

@@ -79,12 +79,12 @@ def optimize(source: Path, evaluation: Sequence[bytes], *, labels: Sequence[int]
 
 
 def mark_checked(directory: Path, report: r.Report, checked_on: str) -> None:
-    """Record a passed bf16 check in a bundle being built (the packaged models)."""
+    """Record a passed bf16 check in a bundle being built (the packaged models): its file stays
+    the fp32 one, served at bf16 by ``auto`` where that is native."""
     a = report.agreement
     set_metadata(directory / CONFIG_FILE, {
-        "precision": "bf16", "engine": "openvino", "checked_on": checked_on,
-        "agreement_top1": round(a.top1, 4),
-        "agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
+        "bf16_checked_on": checked_on,
+        "bf16_agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
         "bf16_top1_in_fp32_top5": round(a.in_top5, 4),
-        **{f"speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
-    })
+        **{f"bf16_speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
+    }, replace=False)

@@ -29,6 +29,7 @@ from modelport.optimize import report as r
 
 
 REPORT_FILE = "optimize-report.json"
+INT8_VARIANT = "model-int8.onnx"  # a packaged model's checked INT8 graph, beside its fp32 one
 CANDIDATE_FP32_LAYERS = (0, 1, 2, 4, 8)  # most sensitive weighted layers kept in fp32, tried in order
 MAX_CALIBRATION = 128
 SENSITIVITY_IMAGES = 8
@@ -184,7 +185,7 @@ def _bundle_model(bundle, model_file: Path, directory: Path, *, engine: str) -> 
 
 def _copy_bundle_files(bundle, directory: Path) -> None:
     for path in bundle.path.iterdir():
-        if path.is_file() and path != bundle.model_file and path.name != REPORT_FILE:
+        if path.is_file() and path != bundle.model_file and path.name not in (REPORT_FILE, INT8_VARIANT):
             shutil.copy(path, directory / path.name)
 
 
@@ -228,20 +229,34 @@ def _add_metadata(config: Path, bundle, report: r.Report) -> None:
 
 # [metadata] keys a check writes: a new check's figures replace the source's, never mix with them.
 REPORT_KEYS = re.compile(r"precision|engine|optimized_from|recipe|fp32_layers|checked_on|agreement_.*|speedup_.*"
-                         r"|(int8|bf16)_top1_in_fp32_top5")
+                         r"|(int8|bf16)_.*")
 
 
-def set_metadata(config: Path, values: dict) -> None:
-    """A check's figures in ``[metadata]``, instead of those of any check of the source."""
+def set_metadata(config: Path, values: dict, *, replace: bool = True) -> None:
+    """A check's figures in ``[metadata]``; ``replace``: instead of those of any check of the source."""
     import tomllib
 
     from modelport.bundle import write_config
 
     raw = tomllib.loads(config.read_text(encoding="utf-8"))
     raw.pop("version", None)  # the directory names the version
-    kept = {k: v for k, v in raw.get("metadata", {}).items() if not REPORT_KEYS.fullmatch(k)}
+    kept = {k: v for k, v in raw.get("metadata", {}).items() if not (replace and REPORT_KEYS.fullmatch(k))}
     raw["metadata"] = {**kept, **values}
     write_config(config.parent, raw)
+
+
+def mark_variant(directory: Path, published: Path, report: r.Report, checked_on: str) -> None:
+    """Put a passed INT8 version's graph beside the fp32 one of a bundle being built (the packaged
+    models), with its figures: ``auto`` serves whichever checked precision ran fastest."""
+    shutil.copy(published / "model.onnx", directory / INT8_VARIANT)
+    a = report.agreement
+    set_metadata(directory / CONFIG_FILE, {
+        "int8_model_file": INT8_VARIANT, "int8_engine": report.engine, "int8_checked_on": checked_on,
+        "int8_fp32_layers": len(report.fp32_layers),
+        "int8_agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
+        "int8_top1_in_fp32_top5": round(a.in_top5, 4),
+        **{f"int8_speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
+    }, replace=False)
 
 
 def _percent(value: float | None) -> str:
