@@ -6,8 +6,10 @@ version served by OpenVINO rolls out like any other. INT8 on both engines: test_
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import httpx
@@ -152,3 +154,23 @@ def test_write_config_round_trips_the_new_serving_keys(tmp_path):
     bundle = load_bundle(tmp_path / "b")
     assert (bundle.serving.runtime, bundle.serving.precision) == ("openvino", "bf16")
     write_config(tmp_path / "b", {"format": 1, "runtime": "onnx", "model_file": "model.onnx"})
+
+
+def test_compiled_models_are_cached_under_the_home_and_the_cache_is_trimmed(default_bundle, model_home,
+                                                                             monkeypatch):
+    from modelport.runtime import openvino
+
+    Model.load(default_bundle, engine="openvino", precision="fp32").close()
+    cache = model_home / "cache" / "openvino"
+    blobs = list(cache.iterdir())
+    assert blobs and all(b.stat().st_size > 1_000_000 for b in blobs)  # compiled graphs, weights inside
+    # Trimmed to its bound, oldest first, when a process opens it.
+    for i, age in enumerate((300, 200, 100)):
+        old = cache / f"old-{i}.blob"
+        old.write_bytes(b"x" * 1000)
+        os.utime(old, (time.time() - age, time.time() - age))
+    newest = max(blobs, key=lambda b: b.stat().st_mtime)
+    monkeypatch.setattr(openvino, "CACHE_MAX_BYTES", newest.stat().st_size + 1500)
+    assert openvino._cache_dir() == cache
+    left = {b.name for b in cache.iterdir()}
+    assert newest.name in left and "old-0.blob" not in left and "old-1.blob" not in left
