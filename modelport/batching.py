@@ -51,13 +51,64 @@ class BatchInfo:
     thin: bool = False  # ran beside other batches, on a share of the cores
 
 
+class Cores:
+    """The CPU's batches, shared by the batchers of every model in a process (a pipeline's steps, a
+    rollout's two versions): a full batch takes every core, so it runs alone among all of them, and
+    thin ones run side by side. Without it, two models' full batches would each spread over every
+    core at once and wait on each other's threads."""
+
+    def __init__(self) -> None:
+        self.running: dict[object, bool] = {}  # batch -> thin
+        self._wakeups: list[asyncio.Event] = []
+        # Batchers with work that could not start, oldest first: the first goes next, so that one
+        # model's stream of thin batches never starves another's full one.
+        self._waiting: list[object] = []
+
+    def can_start(self, slots: int, who: object) -> bool:
+        """Nothing runs, or only thin batches and fewer than ``slots`` of them; and no other batcher
+        has waited longer."""
+        if self._waiting and self._waiting[0] is not who:
+            return False
+        return not self.running or (len(self.running) < slots and all(self.running.values()))
+
+    def wait(self, who: object) -> None:
+        if who not in self._waiting:
+            self._waiting.append(who)
+
+    def done_waiting(self, who: object) -> None:
+        if who in self._waiting:
+            first = self._waiting[0] is who
+            self._waiting.remove(who)
+            if first:
+                self._wake()
+
+    def follow(self, wakeup: asyncio.Event) -> None:
+        self._wakeups.append(wakeup)
+
+    def forget(self, wakeup: asyncio.Event) -> None:
+        if wakeup in self._wakeups:
+            self._wakeups.remove(wakeup)
+
+    def enter(self, batch: object, thin: bool) -> None:
+        self.running[batch] = thin
+
+    def leave(self, batch: object) -> None:
+        del self.running[batch]
+        self._wake()  # any batcher may start now
+
+    def _wake(self) -> None:
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+
 class Batcher(Generic[T, R]):
     def __init__(self, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_batch_size: int,
                  max_delay_ms: float, max_queue_size: int,
                  on_batch: Callable[[BatchInfo], None] | None = None,
                  run_now: Callable[[Sequence[T]], Sequence[R] | None] | None = None,
                  planner: Planner | None = None, max_concurrent_batches: int = 1,
-                 run_thin: Callable[[Sequence[T]], Awaitable[Sequence[R]]] | None = None) -> None:
+                 run_thin: Callable[[Sequence[T]], Awaitable[Sequence[R]]] | None = None,
+                 cores: Cores | None = None) -> None:
         self._run = run
         # With max_concurrent_batches > 1: how a batch runs beside others ("thin": on a runtime with
         # fewer threads). A batch runs full only when it is all there is to do.
@@ -77,6 +128,9 @@ class Batcher(Generic[T, R]):
         self._running: dict[int, tuple[float, int, bool]] = {}
         self._batch_ids = 0
         self._wakeup = asyncio.Event()
+        # Shared with the other models' batchers where the server passes one (else this model's own).
+        self._cores = cores or Cores()
+        self._cores.follow(self._wakeup)
         self._closing = False
         self._task: asyncio.Task | None = None
         self._executing: set[asyncio.Task] = set()
@@ -132,17 +186,20 @@ class Batcher(Generic[T, R]):
         return self.planner.predicted_wait_s(self._queued_rows + self._expected, self._running_left(time.monotonic()))
 
     def _running_left(self, now: float) -> float:
-        """Until a runtime slot frees: 0 while one is free, else the soonest predicted end."""
-        if self._can_start():
+        """Until a runtime slot frees: 0 while one is free, else the soonest predicted end of this
+        model's batches (another model's batches' costs are that model's to know: not counted)."""
+        if self._can_start() or not self._running:
             return 0.0
         return min(max(0.0, start + self.planner.cost.predict(rows) - now) for start, rows, _ in self._running.values())
 
     def _can_start(self) -> bool:
-        """A batch may start now: nothing runs, or only thin batches and a slot is free. A full batch
-        (every runtime thread) runs alone: a batch beside it would take a core its threads wait for."""
-        if not self._running:
-            return True
-        return len(self._running) < self.max_concurrent_batches and all(thin for _, _, thin in self._running.values())
+        """A batch may start now: nothing runs, or only thin batches and a slot is free, here and
+        among the models sharing the cores. A full batch (every runtime thread) runs alone: a batch
+        beside it would take a core its threads wait for."""
+        if self._running and not (len(self._running) < self.max_concurrent_batches
+                                  and all(thin for _, _, thin in self._running.values())):
+            return False
+        return self._cores.can_start(self.max_concurrent_batches, self)
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
                      arrived: float | None = None) -> R:
@@ -175,10 +232,16 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        self._cores.forget(self._wakeup)
+        self._cores.done_waiting(self)
 
     async def _work(self) -> None:
         while True:
             while not self._queue or not self._can_start():
+                if self._queue:  # work that may not start yet: next in line among the models
+                    self._cores.wait(self)
+                else:
+                    self._cores.done_waiting(self)
                 if self._closing and not self._expected and not self._queue:
                     if self._executing:
                         await asyncio.gather(*self._executing)
@@ -186,14 +249,18 @@ class Batcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._gather()
+            if not self._can_start():  # another model's batch started while this one gathered
+                continue
             thin = self._thin()
             batch = self._take(self._cap(thin))
             if not batch:
                 continue
-            # The slot is taken now, before any await: the loop's check above stays true.
+            # The slot is taken now, before any await: the check above stays true.
             self._batch_ids += 1
             key = self._batch_ids
             self._running[key] = (time.monotonic(), sum(e.rows for e in batch), thin)
+            self._cores.enter((self, key), thin)
+            self._cores.done_waiting(self)
             if self.max_concurrent_batches == 1:
                 await self._execute(batch, key)
             else:
@@ -206,7 +273,7 @@ class Batcher(Generic[T, R]):
         wait than a thin batch takes, or requests are on their way), so batches side by side, each
         on its share of the cores, beat one batch on all of them (docs/decisions.md)."""
         return self.max_concurrent_batches > 1 and bool(
-            self._running or self._expected or self._queued_rows > self.item_rows)
+            self._cores.running or self._expected or self._queued_rows > self.item_rows)
 
     def _cap(self, thin: bool) -> int:
         """Rows for the next batch. Thin batches share the rows of one full batch, so the runtime never
@@ -261,7 +328,7 @@ class Batcher(Generic[T, R]):
             results = None
         finally:
             del self._running[key]
-            self._wakeup.set()  # a runtime slot is free
+            self._cores.leave((self, key))  # a runtime slot is free: wakes this and the other batchers
         end = time.monotonic()
         if results is not None:
             self.planner.ran(rows, end - start)

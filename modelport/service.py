@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from modelport.batching import Batcher, BatchInfo
+from modelport.batching import Batcher, BatchInfo, Cores
 from modelport.bundle import Serving
 from modelport.errors import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, Unavailable
 from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
@@ -88,7 +88,7 @@ class ModelService:
     def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, infer_pool: ThreadPoolExecutor | None = None,
                  serving: Serving | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES,
-                 observer: "Observer | None" = None) -> None:
+                 observer: "Observer | None" = None, cores: Cores | None = None) -> None:
         self.model = model
         self.name = model.name
         self.version = model.version
@@ -110,7 +110,7 @@ class ModelService:
             self._run_batch, max_batch_size=self.serving.max_batch_size, max_delay_ms=self.serving.max_delay_ms,
             max_queue_size=self.serving.max_queue_size, on_batch=self._on_batch, run_now=self._run_now,
             planner=planner, max_concurrent_batches=model.concurrent_batches,
-            run_thin=functools.partial(self._run_batch, thin=True))
+            run_thin=functools.partial(self._run_batch, thin=True), cores=cores)
         self.output_names = [o.name for o in model.runtime.outputs]
         # A rollout's hooks (``rollout.py``): ``mirror`` sees each answered request (shadow copies),
         # ``probe`` each outcome: True answered, False failed by the model's fault, None refused.

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from modelport.batching import Batcher
+from modelport.batching import Batcher, Cores
 from modelport.errors import DeadlineExceeded, Overloaded
 
 
@@ -238,3 +238,68 @@ async def test_thin_batches_run_side_by_side_and_close_waits_for_them():
     assert await asyncio.gather(*requests) == [i * 10 for i in range(7)]
     await closing
     assert sorted(len(x) for x in thin.batches + full.batches) == [1, 2, 2, 2] and not b.busy
+
+# -- models sharing the cores (a pipeline's steps, a rollout's two versions, one server) ----------------
+
+async def test_a_full_batch_of_one_model_runs_alone_among_all_models():
+    cores = Cores()
+    a_full, a_thin, b_full, b_thin = Runtime(), Runtime(), Runtime(), Runtime()
+    a_full.gate.clear()
+    a = batcher(a_full, max_batch_size=4, max_concurrent_batches=2, run_thin=a_thin, cores=cores)
+    b = batcher(b_full, max_batch_size=4, max_concurrent_batches=2, run_thin=b_thin, cores=cores)
+    first = asyncio.ensure_future(a.submit(0))
+    await a_full.started.wait()  # model a alone: full, on every core
+    other = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.01)
+    assert b_full.batches == b_thin.batches == [] and b.queued == 1  # b waits for a's full batch
+    a_full.gate.set()
+    assert await asyncio.gather(first, other) == [0, 10]
+    assert b_full.batches == [[1]]  # then alone in turn: full
+    await a.close()
+    await b.close()
+
+
+async def test_thin_batches_of_two_models_share_the_slots():
+    cores = Cores()
+    runtimes = [Runtime() for _ in range(4)]
+    for r in runtimes:
+        r.gate.clear()
+    a = batcher(runtimes[0], max_batch_size=4, max_concurrent_batches=2, run_thin=runtimes[1], cores=cores)
+    b = batcher(runtimes[2], max_batch_size=4, max_concurrent_batches=2, run_thin=runtimes[3], cores=cores)
+    requests = [asyncio.ensure_future(x.submit(i)) for i in range(6) for x in (a, b)]
+    await asyncio.sleep(0.02)
+    assert len(cores.running) == 1 or (len(cores.running) == 2 and all(cores.running.values()))
+    assert len(cores.running) <= 2  # never more batches than slots, whichever model they belong to
+    for r in runtimes:
+        r.gate.set()
+    assert len(await asyncio.gather(*requests)) == 12 and not cores.running
+    await a.close()
+    await b.close()
+
+
+async def test_a_one_at_a_time_model_is_not_starved_by_another_models_thin_batches():
+    cores = Cores()
+    lone = Runtime()
+    lengths = iter([0.004, 0.007] * 10_000)
+
+    async def busy_thin(items):  # overlapping thin batches of uneven length: some slot is always taken
+        await asyncio.sleep(next(lengths))
+        return [i * 10 for i in items]
+
+    busy = batcher(busy_thin, max_batch_size=2, max_concurrent_batches=2, run_thin=busy_thin, cores=cores)
+    one = batcher(lone, max_batch_size=2, max_concurrent_batches=1, cores=cores)
+    stop = asyncio.Event()
+
+    async def stream():  # a steady stream of requests: thin batches back to back
+        i = 0
+        while not stop.is_set():
+            await asyncio.gather(*(busy.submit(i + k) for k in range(4)))
+            i += 4
+
+    streams = [asyncio.ensure_future(stream()) for _ in range(3)]
+    await asyncio.sleep(0.02)
+    assert await asyncio.wait_for(one.submit(7), 2) == 70  # it gets its turn: next in line
+    stop.set()
+    await asyncio.gather(*streams)
+    await busy.close()
+    await one.close()

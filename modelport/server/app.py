@@ -20,6 +20,7 @@ from starlette.routing import Route
 from modelport.errors import ModelportError
 from modelport.imaging import lower_priority
 from modelport.memory import trim_when_idle
+from modelport.batching import Cores
 from modelport.bundle import Serving, load_bundle
 from modelport.model import Model
 from modelport.server import demo, kserve, rollouts, tfserving, upload
@@ -79,9 +80,10 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode",
                                          initializer=lower_priority)
         infer_pool = ThreadPoolExecutor(4, thread_name_prefix="infer")  # shared; one batch per model at a time
+        cores = Cores()  # every model's batches: a full one runs alone among them all
 
         async def load(name: str, path: Path) -> ModelService:
-            return await _load_service(name, path, config, decode_pool, infer_pool, metrics)
+            return await _load_service(name, path, config, decode_pool, infer_pool, metrics, cores)
 
         def load_pipeline(name: str, pipeline: PipelineConfig) -> PipelineService:
             return PipelineService(name, pipeline, registry, decode_pool=decode_pool, max_pixels=config.max_pixels,
@@ -166,7 +168,7 @@ def concurrent_batches(serving: Serving) -> int | None:
 
 
 async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool, infer_pool,
-                        metrics: Metrics) -> ModelService:
+                        metrics: Metrics, cores: Cores) -> ModelService:
     loop = asyncio.get_running_loop()
     bundle = await loop.run_in_executor(infer_pool, lambda: load_bundle(path, name=name))
     overrides = {k: v for k, v in vars(config.batching).items() if v is not None}
@@ -179,7 +181,7 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     service = ModelService(model, decode_pool=decode_pool, infer_pool=infer_pool,
                            serving=replace(model.bundle.serving, **overrides),
                            max_pixels=config.max_pixels, max_images=config.max_images_per_request,
-                           observer=metrics)
+                           observer=metrics, cores=cores)
     service.start()
     metrics.follow_batcher(service.name, service.version, service.batcher)
     return service
