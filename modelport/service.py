@@ -158,7 +158,8 @@ class ModelService:
         return outputs
 
     async def infer_crops(self, crops: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
-        """Images already decoded for this model's input (a pipeline decodes once per input size)."""
+        """Images already decoded for this model's input (a pipeline decodes each image once and
+        crops it per input size)."""
         _check_deadline(deadline)
         with self.batcher.admit(rows=len(crops), arrived=timing.arrived, deadline=deadline, preparing=False):
             pass

@@ -8,6 +8,7 @@ written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from modelport import samples
 from modelport.errors import BundleError
 from modelport.model import Model
+from modelport.runtime.precision import native_bf16
 from modelport.optimize.int8 import sample_evaluation
 from modelport.optimize.report import reencode
 from servers import Server
@@ -156,6 +158,34 @@ def test_optimize_explains_what_it_cannot_do(source, tmp_path):
     result = modelport("optimize", str(repo / MODEL / "1"), "--calibration", str(evaluation),
                        "--eval", str(labelled.parent))
     assert result.returncode != 0 and "'not-a-label' name no label of the model" in result.stderr
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU does not compute bf16 natively (no amx_bf16 / avx512_bf16)")
+def test_a_bf16_version_is_the_same_graph_checked_and_served_at_bf16(source, images):
+    repo, photos = source
+    result = modelport("optimize", str(repo / MODEL), "--precision", "bf16", "--eval", str(photos), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["precision"] == "bf16" and report["engine"] == "openvino"
+    published = repo / MODEL / "2"
+    assert Path(report["bundle"]) == published
+    assert (published / "model.onnx").read_bytes() == (repo / MODEL / "1" / "model.onnx").read_bytes()
+    model = Model.load(published)  # auto: the version's own check backs bf16 on this CPU
+    try:
+        assert (model.engine, model.precision) == ("openvino", "bf16")
+        assert model.bundle.metadata["precision"] == "bf16" and model.bundle.metadata["agreement_top1_confident"] >= 0.995
+        assert model.classify([images["espresso"].read_bytes()], 1)[0][0].label == "espresso"
+    finally:
+        model.close()
+
+
+def test_bf16_is_not_checked_where_the_cpu_lacks_it(source):
+    repo, photos = source
+    env = {**os.environ, "MODELPORT_CPU_FLAGS": "fpu avx2 fma"}
+    result = subprocess.run([sys.executable, "-m", "modelport", "optimize", str(repo / MODEL), "--precision", "bf16",
+                             "--eval", str(photos)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0 and "does not compute bf16 natively" in result.stderr
+    assert "Traceback" not in result.stderr and sorted(p.name for p in (repo / MODEL).iterdir()) == ["1"]
 
 
 def test_retrain_int8_publishes_a_quantized_version_with_accuracy(tmp_path, default_bundle):
