@@ -209,11 +209,17 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
 
 
 @main.command("build-default")
-def build_default() -> None:
+@click.option("--checks/--no-checks", default=True, show_default=True,
+              help="Check it at the reduced precisions this CPU runs (bf16, INT8), as `serve`'s first use does. "
+                   "--no-checks for an image built on one machine and run on others: it serves at fp32.")
+def build_default(checks: bool) -> None:
     """Build the default model (EfficientNet-Lite0, ImageNet) into the cache and print its path."""
     from modelport import default_model
 
-    load_model(None)
+    if checks:
+        load_model(None)
+    else:
+        default_model.ensure_default_model(checks=False)
     click.echo(default_model.default_model_dir())
 
 

@@ -30,7 +30,7 @@ def default_model_dir(home: Path | None = None) -> Path:
     return (home or model_home()) / "models" / NAME / str(VERSION)
 
 
-def ensure_default_model(home: Path | None = None) -> Path:
+def ensure_default_model(home: Path | None = None, *, checks: bool = True) -> Path:
     """Return the default model's bundle directory, building it first if needed.
 
     Safe when several processes ask at once: one builds under a lock, the others wait for it.
@@ -42,12 +42,12 @@ def ensure_default_model(home: Path | None = None) -> Path:
     with open(target.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / CONFIG_FILE).is_file():
-            _build(target)
+            _build(target, checks)
     return target
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, checks: bool = True) -> None:
     from modelport.packaged import build
 
     logger.info("building %s into %s (first use only)", NAME, target)
-    build(NAME, target, runtime="onnx")
+    build(NAME, target, runtime="onnx", checks=checks)

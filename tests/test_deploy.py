@@ -139,13 +139,15 @@ def test_dockerfile_steps_run_in_a_fresh_venv(model_home, tmp_path):
     env.pop("PYTHONPATH", None)
     (run,) = steps["RUN"][:1]
     commands = [c.strip() for c in run.split("&&")]
-    assert commands[0].startswith("pip install") and commands[-1].endswith("modelport build-default")
+    assert commands[0].startswith("pip install") and commands[-1].endswith("modelport build-default --no-checks")
     subprocess.run([str(bin_dir / "pip"), "install", "-q", "--no-deps", str(ROOT)],
                    check=True, env=env, cwd=tmp_path)
     # The model build itself is the session's (the same code as `build-default`): here the command
     # must exist in the venv and find it built (MODELPORT_HOME as the image sets it).
     home = {**env, "MODELPORT_HOME": str(model_home)}
-    built = subprocess.run([str(bin_dir / "modelport"), "build-default"], env=home, capture_output=True, text=True)
+    flags = commands[-1].split("modelport build-default", 1)[1].split()  # the RUN's own (--no-checks)
+    built = subprocess.run([str(bin_dir / "modelport"), "build-default", *flags], env=home, capture_output=True,
+                           text=True)
     assert built.returncode == 0, built.stderr
 
     # The image's CMD (on loopback, a free port), then its HEALTHCHECK command.
