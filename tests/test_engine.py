@@ -130,7 +130,8 @@ def test_autos_choice_and_its_reason_are_in_the_v2_metadata(default_server, defa
 def test_an_openvino_version_rolls_out_and_takes_over_like_any_other(tmp_path, pictures):  # noqa: F811
     repo = tmp_path / "repo"
     make_tiny_bundle(repo / "m" / "1", serving={"top_k": 3, "runtime": "onnxruntime", "precision": "fp32"})
-    write_policy(repo / "m", "shadow_requests = 10\ncanary_share = 0.3\ncanary_requests = 10")
+    # OpenVINO's call costs more than ONNX Runtime's on a graph this tiny: latency is not what is tested.
+    write_policy(repo / "m", "shadow_requests = 10\ncanary_share = 0.3\ncanary_requests = 10\nmax_p99_ratio = 100")
     server = serve(repo, tmp_path)
     try:
         with Traffic(server.url, "m", pictures) as traffic:
