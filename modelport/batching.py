@@ -196,10 +196,7 @@ class Batcher(Generic[T, R]):
         """A batch may start now: nothing runs, or only thin batches and a slot is free, here and
         among the models sharing the cores. A full batch (every runtime thread) runs alone: a batch
         beside it would take a core its threads wait for."""
-        if self._running and not (len(self._running) < self.max_concurrent_batches
-                                  and all(thin for _, _, thin in self._running.values())):
-            return False
-        return self._cores.can_start(self.max_concurrent_batches, self)
+        return self._cores.can_start(self.max_concurrent_batches, self)  # this model's batches are among them
 
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
                      arrived: float | None = None) -> R:

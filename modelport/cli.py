@@ -607,7 +607,7 @@ def _print_report(report, console) -> None:
     from rich.table import Table
 
     a = report.agreement
-    reduced = report.precision.upper() if report.precision == "int8" else report.precision
+    reduced = report.precision.upper()
     table = Table(title=f"{reduced} on {report.engine} against fp32 on {a.images} held-out images", show_header=False)
     rows = [("recipe", report.recipe),
             ("layers kept in fp32", ", ".join(report.fp32_layers) or "none"),

@@ -132,7 +132,7 @@ def _check_reduced(directory: Path, name: str) -> None:
             logger.warning("%s: %s", name, exc.message)
         else:
             if report.speed[-1].ratio > 1:
-                bf16.mark_checked(directory, report, where)
+                int8.mark_checked(directory, report, where)
             logger.info("%s: bf16 keeps the answers, %.2f x fp32 at batch 8", name, report.speed[-1].ratio)
     with tempfile.TemporaryDirectory(prefix="modelport-int8-") as tmp:
         try:
@@ -143,5 +143,5 @@ def _check_reduced(directory: Path, name: str) -> None:
             return
         speedup = report.speed[-1].ratio
         if speedup > 1:
-            int8.mark_variant(directory, published, report, where)
+            int8.mark_checked(directory, report, where, published)
         logger.info("%s: INT8 on %s keeps the answers, %.2f x fp32 at batch 8", name, report.engine, speedup)

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from modelport.bundle import CONFIG_FILE, Bundle, load_bundle
+from modelport.bundle import Bundle, load_bundle
 from modelport.errors import BadInput, MissingExtra
 from modelport.model import Model
 from modelport.optimize import report as r
-from modelport.optimize.int8 import Refused, crops_of, next_version, predict_all, publish, set_metadata
+from modelport.optimize.int8 import Refused, crops_of, next_version, predict_all, publish
 
 RECIPE = "OpenVINO, float layers at bf16 (INFERENCE_PRECISION_HINT=bf16); the graph is the fp32 one"
 
@@ -76,15 +76,3 @@ def optimize(source: Path, evaluation: Sequence[bytes], *, labels: Sequence[int]
     report = check(bundle, evaluation, labels=labels, min_agreement=min_agreement, min_top5=min_top5,
                    progress=progress)
     return publish(bundle, bundle.model_file, report, target_dir or next_version(source)), report
-
-
-def mark_checked(directory: Path, report: r.Report, checked_on: str) -> None:
-    """Record a passed bf16 check in a bundle being built (the packaged models): its file stays
-    the fp32 one, served at bf16 by ``auto`` where that is native."""
-    a = report.agreement
-    set_metadata(directory / CONFIG_FILE, {
-        "bf16_checked_on": checked_on,
-        "bf16_agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
-        "bf16_top1_in_fp32_top5": round(a.in_top5, 4),
-        **{f"bf16_speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
-    }, replace=False)

@@ -22,10 +22,11 @@ import numpy as np
 
 from modelport import imaging, repository
 from modelport.bundle import CONFIG_FILE, load_bundle
-from modelport.errors import BadInput, BundleError, MissingExtra
+from modelport.errors import BadInput, BundleError
 from modelport.model import Model
 from modelport.optimize import quantize as q
 from modelport.optimize import report as r
+from modelport.runtime.precision import candidate_engines
 
 
 REPORT_FILE = "optimize-report.json"
@@ -74,7 +75,7 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
     if bundle.runtime != "onnx":
         raise BadInput(f"{source}: modelport optimize quantizes ONNX models; this bundle's runtime is "
                        f"{bundle.runtime!r}")
-    engines = gated_engines(engine)
+    engines = candidate_engines(engine)
     if len(calibration) < 8:
         raise BadInput(f"{len(calibration)} calibration images: give at least 8 (100-500 is typical)")
     if evaluation is None:
@@ -150,19 +151,6 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
         fp32.close()
         published = publish(bundle, path, report, target_dir or next_version(source))
     return published, report
-
-
-def gated_engines(engine: str) -> list[str]:
-    """The engines a gate checks: the one named, or every installed one for ``auto``."""
-    from modelport.runtime.precision import ENGINE_CHOICES, openvino_installed
-
-    if engine not in ENGINE_CHOICES:
-        raise BadInput(f"engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
-    if engine == "openvino" and not openvino_installed():
-        raise MissingExtra("--runtime openvino needs OpenVINO: pip install 'modelport[openvino]'")
-    if engine != "auto":
-        return [engine]
-    return ["onnxruntime", "openvino"] if openvino_installed() else ["onnxruntime"]
 
 
 def crops_of(model: Model, images: Sequence[bytes]) -> np.ndarray:
@@ -245,17 +233,22 @@ def set_metadata(config: Path, values: dict, *, replace: bool = True) -> None:
     write_config(config.parent, raw)
 
 
-def mark_variant(directory: Path, published: Path, report: r.Report, checked_on: str) -> None:
-    """Put a passed INT8 version's graph beside the fp32 one of a bundle being built (the packaged
-    models), with its figures: ``auto`` serves whichever checked precision ran fastest."""
-    shutil.copy(published / "model.onnx", directory / INT8_VARIANT)
+def mark_checked(directory: Path, report: r.Report, checked_on: str, published: Path | None = None) -> None:
+    """Record a passed check in a bundle being built (the packaged models), its figures under the
+    precision's prefix: ``auto`` serves whichever checked precision ran fastest. bf16 runs the
+    bundle's own file; INT8 the ``published`` version's graph, copied beside it."""
+    p = report.precision
+    extra = {}
+    if published is not None:
+        shutil.copy(published / "model.onnx", directory / INT8_VARIANT)
+        extra = {f"{p}_model_file": INT8_VARIANT, f"{p}_engine": report.engine,
+                 f"{p}_fp32_layers": len(report.fp32_layers)}
     a = report.agreement
     set_metadata(directory / CONFIG_FILE, {
-        "int8_model_file": INT8_VARIANT, "int8_engine": report.engine, "int8_checked_on": checked_on,
-        "int8_fp32_layers": len(report.fp32_layers),
-        "int8_agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
-        "int8_top1_in_fp32_top5": round(a.in_top5, 4),
-        **{f"int8_speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
+        f"{p}_checked_on": checked_on, **extra,
+        f"{p}_agreement_top1_confident": round(a.top1_confident, 4) if a.top1_confident is not None else -1.0,
+        f"{p}_top1_in_fp32_top5": round(a.in_top5, 4),
+        **{f"{p}_speedup_batch{s.batch}": round(s.ratio, 3) for s in report.speed},
     }, replace=False)
 
 

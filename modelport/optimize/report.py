@@ -57,7 +57,7 @@ class Report:
     candidates: list[dict] = field(default_factory=list)  # each candidate tried: fp32 layers, agreement
     precision: str = "int8"  # what the new version runs at
     engine: str = "onnxruntime"  # what it was checked (and will run) on
-    engines: dict = field(default_factory=dict)  # every engine checked: agreement, passed, reasons, speed
+    engines: dict = field(default_factory=dict)  # every engine checked: passed, and its speed-ups
 
     def as_dict(self) -> dict:
         data = asdict(self)

@@ -37,8 +37,9 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
-def runtime_class(name: str) -> type:
-    module_name, _, attr = RUNTIMES[name].partition(":")
+def runtime_class(name: str, table: dict[str, str] = RUNTIMES) -> type:
+    """The class ``table`` names (``RUNTIMES``, or an engine table), imported on first use."""
+    module_name, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
 

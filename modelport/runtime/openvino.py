@@ -3,8 +3,8 @@
 OpenVINO reads the ONNX file itself: no conversion step, no IR file. Precision is the CPU
 plugin's inference precision: ``fp32`` (exact, as ONNX Runtime), ``bf16`` (where the CPU computes
 it natively: AMX or AVX-512 BF16), or ``int8`` for a quantized graph (its QDQ nodes run as
-integer kernels; the layers left in float run at the plugin's own default, bf16 on such CPUs,
-which is what the version's gate measured: see ``optimize``).
+integer kernels; the layers left in float at bf16 where that is native, as the version's gate
+measured them there, else at fp32: see ``optimize``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ try:
 except ImportError:  # the extra is missing: say how to get it, at load
     ov = None
 
-# The plugin's inference precision for each of our precisions. INT8's float layers: bf16 where the
-# CPU computes it natively (as its gate measured them there), else f32; asked for explicitly, so
-# that MODELPORT_CPU_FLAGS pins them too.
-_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}
+PRECISIONS = ("fp32", "bf16", "int8")
 
 _OV_TO_V2 = {
     "boolean": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u64": "UINT64", "i8": "INT8",
@@ -79,11 +76,6 @@ def available() -> bool:
     return ov is not None
 
 
-def capabilities() -> set[str]:
-    """What the CPU plugin says this CPU computes natively (BF16, INT8, FP32, ...)."""
-    return set(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
 class OpenVinoRuntime:
     platform = "onnx_onnxv1"  # the model's format, as for ONNX Runtime; the engine is in the metadata
     engine = "openvino"
@@ -96,9 +88,8 @@ class OpenVinoRuntime:
         if device.kind != "cpu":
             raise BundleError(f"{model_path}: runtime \"openvino\" runs on the CPU here; use runtime = "
                               f"\"onnxruntime\" for device {device}")
-        if precision not in _HINTS:
-            raise BundleError(f"{model_path}: precision {precision!r} is not one of {', '.join(_HINTS)}")
-        self.precision = precision
+        if precision not in PRECISIONS:
+            raise BundleError(f"{model_path}: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.device = "cpu"
         config = {
             "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1,
@@ -107,11 +98,12 @@ class OpenVinoRuntime:
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
         }
         if precision == "int8":
+            # Its float layers: bf16 where native (as its gate measured them there), else f32; asked
+            # for explicitly, so that MODELPORT_CPU_FLAGS pins them too.
             from modelport.runtime.precision import native_bf16
 
-            config["INFERENCE_PRECISION_HINT"] = "bf16" if native_bf16() else "f32"
-        else:
-            config["INFERENCE_PRECISION_HINT"] = _HINTS[precision]
+            precision = "bf16" if native_bf16() else "fp32"
+        config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
         try:
             model = core().read_model(os.fspath(model_path))
             self._compiled = core().compile_model(model, "CPU", config)
@@ -122,6 +114,7 @@ class OpenVinoRuntime:
         self.inputs = [_spec(port) for port in self._compiled.inputs]
         self.outputs = [_spec(port) for port in self._compiled.outputs]
         self._output_index = {o.name: i for i, o in enumerate(self.outputs)}
+        self._all_outputs = [o.name for o in self.outputs]
         # Infer requests are not to be shared by threads at once: a small pool, one per caller.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -132,7 +125,7 @@ class OpenVinoRuntime:
         return {"f32": "fp32", "f16": "fp16"}.get(name, name)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-        names = output_names or [o.name for o in self.outputs]
+        names = output_names or self._all_outputs
         try:
             request = self._requests.get_nowait()
         except queue.Empty:

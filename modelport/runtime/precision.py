@@ -37,9 +37,6 @@ ENGINES = {
 ENGINE_CHOICES = ("auto", *ENGINES)
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# An engine other than ONNX Runtime is kept for an fp32 model only when timed at least this much
-# faster: ONNX Runtime's answers are the reference, and load-time timings scatter by a few percent.
-MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,7 @@ def plan(bundle, *, engine: str | None = None, precision: str | None = None, dev
         if checks.quantized or asked == "int8" and checks.int8_file:
             return Plan(("onnxruntime",), "int8", f"device {device}: ONNX Runtime", checks.int8_file)
         return Plan(("onnxruntime",), "fp32", f"device {device}: ONNX Runtime")
-    if engine == "openvino" and not openvino_installed():
-        raise MissingExtra(f"{where}: runtime = \"openvino\" needs OpenVINO: pip install 'modelport[openvino]'")
-    engines = _engines(engine)
+    engines = candidate_engines(engine)
 
     if checks.quantized:
         if asked in ("fp32", "bf16"):
@@ -208,7 +203,12 @@ def _number(value, default):
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-def _engines(engine: str) -> tuple[str, ...]:
+def candidate_engines(engine: str) -> tuple[str, ...]:
+    """The engine named, or every installed one for ``auto`` (ONNX Runtime, the reference, first)."""
+    if engine not in ENGINE_CHOICES:
+        raise BundleError(f"runtime {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if engine == "openvino" and not openvino_installed():
+        raise MissingExtra("runtime = \"openvino\" needs OpenVINO: pip install 'modelport[openvino]'")
     if engine != "auto":
         return (engine,)
     return ("onnxruntime", "openvino") if openvino_installed() else ("onnxruntime",)
