@@ -31,7 +31,7 @@ from cluster import BalancerProcess, EtcdServer, registry  # noqa: E402
 from conftest import make_tiny_bundle  # noqa: E402
 from servers import Server, free_port, stop_all, wait_until  # noqa: E402
 
-from modelport.bundle import write_config  # noqa: E402
+from modelport.repository.bundle import write_config  # noqa: E402
 from modelport.server.cluster import worker_id  # noqa: E402
 
 TTL_S = 3

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import NaiveLimit, peak_rss_mb, photo_files  # noqa: E402
 
-from modelport import default_model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from modelport import imaging, samples
-from modelport.bundle import load_bundle
+from modelport import samples
+
+from modelport.engine import imaging
+from modelport.repository.bundle import load_bundle
 
 MEAN, STD = 127.0, 128.0
 

@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport import default_model, samples
+from modelport import samples
+
+from modelport.packaged import default_model
 from modelport.errors import BundleError, MissingExtra
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.optimize import int8 as optimize_int8
 
 REPO = Path(__file__).resolve().parent.parent

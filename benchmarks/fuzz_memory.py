@@ -32,7 +32,9 @@ import fuzzing  # noqa: E402
 from http_server import free_port, start_server  # noqa: E402
 from repository import rss_mb  # noqa: E402
 
-from modelport import default_model, samples  # noqa: E402
+from modelport import samples  # noqa: E402
+
+from modelport.packaged import default_model  # noqa: E402
 
 
 def good_traffic(url: str, photos: list[bytes]) -> None:

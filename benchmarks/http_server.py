@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
 from common import NaiveLimit, peak_rss_mb, photo_files  # noqa: E402
 
-from modelport import default_model  # noqa: E402
-from modelport.model import Model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
+from modelport.engine.model import Model  # noqa: E402
 
 
 def free_port() -> int:

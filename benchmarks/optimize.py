@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport import default_model, samples
-from modelport.model import Model
+from modelport import samples
+
+from modelport.packaged import default_model
+from modelport.engine.model import Model
 
 
 def throughput(model: Model, crops: np.ndarray, batch: int = 8) -> float:

@@ -26,7 +26,7 @@ from common import photo_files  # noqa: E402
 from http_server import free_port, multipart, start_server  # noqa: E402
 from repository import rss_mb  # noqa: E402
 
-from modelport import default_model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
 
 QUEUE = 64
 

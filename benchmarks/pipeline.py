@@ -46,9 +46,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from conftest import make_tiny_bundle  # noqa: E402
 from servers import Server, free_port, metric  # noqa: E402
 
-from modelport import AsyncClient, Client, default_model, samples  # noqa: E402
-from modelport.model import Model  # noqa: E402
-from modelport.packaged import build  # noqa: E402
+from modelport import AsyncClient, Client, samples  # noqa: E402
+
+from modelport.packaged import default_model  # noqa: E402
+from modelport.engine.model import Model  # noqa: E402
+from modelport.packaged.weights import build  # noqa: E402
 from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS  # noqa: E402
 
 LITE0, LITE2 = "efficientnet-lite0", "efficientnet-lite2"

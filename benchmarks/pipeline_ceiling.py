@@ -41,9 +41,9 @@ import loadgen  # noqa: E402
 from common import peak_rss_mb, photo_files  # noqa: E402
 from http_server import free_port, multipart, pipeline_ceiling, start_server  # noqa: E402
 
-from modelport import default_model  # noqa: E402
-from modelport.imaging import lower_priority  # noqa: E402
-from modelport.model import Model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
+from modelport.engine.imaging import lower_priority  # noqa: E402
+from modelport.engine.model import Model  # noqa: E402
 
 SERVERS = {"default": [], "one batch at a time": ["--concurrent-batches", "1"]}
 

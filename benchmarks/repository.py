@@ -26,7 +26,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from http_server import free_port, start_server  # noqa: E402
 
-from modelport import default_model, samples  # noqa: E402
+from modelport import samples  # noqa: E402
+
+from modelport.packaged import default_model  # noqa: E402
 
 TOKEN = "bench-token"
 

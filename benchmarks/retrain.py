@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport import default_model, samples
-from modelport.model import Model
+from modelport import samples
+
+from modelport.packaged import default_model
+from modelport.engine.model import Model
 from modelport.retrain import retrain
-from modelport.stream import classify_stream
+from modelport.engine.stream import classify_stream
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from common import photo_files  # noqa: E402
 from servers import Server, wait_until  # noqa: E402
 
-from modelport import default_model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
 
 TOKEN = "rollout-bench"
 ENDLESS_SHADOW = "shadow_requests = 1000000\ncanary_share = 0\n"

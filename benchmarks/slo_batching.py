@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from common import photo_files  # noqa: E402
 from servers import Server, wait_until  # noqa: E402
 
-from modelport import default_model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
 from modelport.bench.sweep import bench  # noqa: E402
-from modelport.bundle import CONFIG_FILE, write_config  # noqa: E402
+from modelport.repository.bundle import CONFIG_FILE, write_config  # noqa: E402
 
 GRIDS = {"full": ((1, 2, 4, 8, 16), (0, 2, 5, 10)), "quick": ((1, 4, 16), (0, 5))}
 LOADS = (0.2, 0.5, 0.8, 0.95, 1.2, 2.0)

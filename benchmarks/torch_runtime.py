@@ -21,9 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import photo_files  # noqa: E402
 
-from modelport import default_model, imaging  # noqa: E402
-from modelport.model import Model  # noqa: E402
-from modelport.packaged import build  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
+
+from modelport.engine import imaging  # noqa: E402
+from modelport.engine.model import Model  # noqa: E402
+from modelport.packaged.weights import build  # noqa: E402
 
 
 def rate(run, batches: list[np.ndarray]) -> float:

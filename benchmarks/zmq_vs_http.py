@@ -31,8 +31,8 @@ import loadgen  # noqa: E402
 from common import photo_files  # noqa: E402
 from http_server import free_port, start_server  # noqa: E402
 
-from modelport import default_model  # noqa: E402
-from modelport.model import Model  # noqa: E402
+from modelport.packaged import default_model  # noqa: E402
+from modelport.engine.model import Model  # noqa: E402
 
 
 def zmq_round_trips(port: int, request: bytes, count: int) -> list[float]:

@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return getattr(client, name)
     if name == "Prediction":
-        from modelport.predictions import Prediction
+        from modelport.engine.predictions import Prediction
 
         return Prediction
     raise AttributeError(f"module 'modelport' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import pytest
 
 from cluster import TTL_S, BalancerProcess, EtcdServer, registry
 from modelport import samples
-from modelport.bundle import write_config
+from modelport.repository.bundle import write_config
 from modelport.server.cluster import worker_id
 from servers import Server, stop_all, wait_until
 
@@ -26,7 +26,7 @@ def model_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_bundle(model_home) -> Path:
-    from modelport import default_model
+    from modelport.packaged import default_model
 
     return default_model.ensure_default_model()
 
@@ -34,7 +34,7 @@ def default_bundle(model_home) -> Path:
 @pytest.fixture(scope="session")
 def default_model(default_bundle):
     """The reference answers: ONNX Runtime at fp32 (a server's `auto` may run bf16 where it was checked)."""
-    from modelport.model import Model
+    from modelport.engine.model import Model
 
     return Model.load(default_bundle, precision="fp32")
 
@@ -43,7 +43,7 @@ def default_model(default_bundle):
 def served_model(default_bundle):
     """The default model as `modelport serve` loads it (`auto`: the fastest precision checked at
     build on this CPU): the reference for what the default server answers."""
-    from modelport.model import Model
+    from modelport.engine.model import Model
 
     model = Model.load(default_bundle, concurrent_batches=None)
     yield model

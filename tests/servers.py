@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelport.bundle import write_config
+from modelport.repository.bundle import write_config
 
 GATE_MODEL = '''
 import os

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from modelport.batching import Batcher, Cores
+from modelport.engine.batching import Batcher, Cores
 from modelport.errors import DeadlineExceeded, Overloaded
 
 

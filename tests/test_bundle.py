@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny_bundle
-from modelport.bundle import load_bundle
+from modelport.repository.bundle import load_bundle
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 
 
 def _error(path) -> str:

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from conftest import make_tiny_bundle
-from modelport.device import Device, _cuda_devices_onnx
+from modelport.runtime.device import Device, _cuda_devices_onnx
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from servers import Server
 
 NO_GPU = _cuda_devices_onnx() == 0

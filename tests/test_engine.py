@@ -18,9 +18,9 @@ import pytest
 
 from conftest import make_tiny_bundle
 from modelport import samples
-from modelport.bundle import load_bundle, write_config
+from modelport.repository.bundle import load_bundle, write_config
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.runtime.precision import native_bf16, plan
 from servers import free_port, wait_until
 from test_rollout import Traffic, pictures, serve, wait_stage, write_policy  # noqa: F401 (fixture)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modelport import imaging, samples
-from modelport.bundle import ImageInput
+from modelport import samples
+
+from modelport.engine import imaging
+from modelport.repository.bundle import ImageInput
 from modelport.errors import BadInput
 
 SPEC = ImageInput()

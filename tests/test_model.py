@@ -9,9 +9,9 @@ import numpy as np
 
 from conftest import make_tiny_bundle, tiny_onnx
 from modelport import samples
-from modelport.bundle import Serving, load_bundle
-from modelport.model import Model
-from modelport.predictions import softmax, top_k
+from modelport.repository.bundle import Serving, load_bundle
+from modelport.engine.model import Model
+from modelport.engine.predictions import softmax, top_k
 from modelport.server.app import concurrent_batches
 from test_slo import cost_bundle
 

@@ -20,7 +20,7 @@ import pytest
 
 from modelport import samples
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.runtime.precision import native_bf16
 from modelport.optimize.int8 import sample_evaluation
 from modelport.optimize.report import reencode

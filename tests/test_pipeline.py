@@ -23,15 +23,16 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_bundle
-from modelport import Client, imaging, samples
-from modelport.bundle import write_config
+from modelport import Client, samples
+from modelport.engine import imaging
+from modelport.repository.bundle import write_config
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.pipeline import service as pipeline_service
 from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
 from modelport.pipeline.service import PipelineService, _Images
-from modelport.registry import READY, Registry
-from modelport.service import ModelService, Timing
+from modelport.lifecycle.routing import READY, Registry
+from modelport.engine.service import ModelService, Timing
 from servers import Gate, Server, free_port, make_gate_bundle, metric, raw_dealer, wait_until
 
 CHEAP, ACCURATE, HEAD = "efficientnet-lite0", "accurate", "flowers-head"

@@ -12,7 +12,7 @@ import pytest
 
 from modelport import samples
 from modelport.errors import BadInput
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.retrain import retrain
 from modelport.retrain.dataset import scan
 from modelport.retrain.features import FeatureCache, extract

@@ -28,7 +28,7 @@ def b64(path) -> str:
 
 
 def label_index(label: str) -> int:
-    from modelport.default_model import default_model_dir
+    from modelport.packaged.default_model import default_model_dir
 
     return (default_model_dir() / "labels.txt").read_text().splitlines().index(label)
 

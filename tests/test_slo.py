@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from modelport.batching import Batcher
-from modelport.bundle import write_config
+from modelport.engine.batching import Batcher
+from modelport.repository.bundle import write_config
 from modelport.errors import BundleError, Overloaded
-from modelport.model import Model
-from modelport.slo import BatchCost, Planner
+from modelport.engine.model import Model
+from modelport.engine.slo import BatchCost, Planner
 from servers import Server, free_port, metric
 
 from test_server_behaviour import gate_request

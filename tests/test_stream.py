@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelport.stream import classify_stream
+from modelport.engine.stream import classify_stream
 
 
 def test_order_is_kept_across_batches_with_errors(default_model, images, tmp_path):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_bundle
-from modelport.bundle import write_config
+from modelport.repository.bundle import write_config
 from modelport.errors import BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from servers import Server
 
 torch = pytest.importorskip("torch")  # the torch extra is part of the test install

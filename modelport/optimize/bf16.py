@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from modelport.bundle import Bundle, load_bundle
+from modelport.repository.bundle import Bundle, load_bundle
 from modelport.errors import BadInput, MissingExtra
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.optimize import report as r
 from modelport.optimize.int8 import Refused, crops_of, next_version, predict_all, publish
 

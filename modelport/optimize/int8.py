@@ -20,10 +20,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from modelport import imaging, repository
-from modelport.bundle import CONFIG_FILE, load_bundle
+from modelport.engine import imaging
+
+from modelport.repository import layout as repository
+from modelport.repository.bundle import CONFIG_FILE, load_bundle
 from modelport.errors import BadInput, BundleError
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.optimize import quantize as q
 from modelport.optimize import report as r
 from modelport.runtime.precision import candidate_engines
@@ -224,7 +226,7 @@ def set_metadata(config: Path, values: dict, *, replace: bool = True) -> None:
     """A check's figures in ``[metadata]``; ``replace``: instead of those of any check of the source."""
     import tomllib
 
-    from modelport.bundle import write_config
+    from modelport.repository.bundle import write_config
 
     raw = tomllib.loads(config.read_text(encoding="utf-8"))
     raw.pop("version", None)  # the directory names the version

@@ -19,9 +19,9 @@ import numpy as np
 
 from modelport.errors import BadInput
 from modelport.folders import truth_from_labels
-from modelport.model import Model
+from modelport.engine.model import Model
 from modelport.pipeline.config import PipelineConfig
-from modelport.predictions import confidence
+from modelport.engine.predictions import confidence
 
 BATCH = 8
 

@@ -20,13 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
-from modelport import imaging
-from modelport.bundle import ImageInput, Serving
+from modelport.engine import imaging
+from modelport.repository.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
-from modelport.predictions import Prediction, confidence, top_k
-from modelport.registry import Registry
+from modelport.engine.predictions import Prediction, confidence, top_k
+from modelport.lifecycle.routing import Registry
 from modelport.runtime import TensorSpec
-from modelport.service import Stats, Timing, _check_deadline, check_rows
+from modelport.engine.service import Stats, Timing, _check_deadline, check_rows
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")

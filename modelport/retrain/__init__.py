@@ -22,11 +22,13 @@ from typing import Callable
 
 import numpy as np
 
-from modelport import default_model, repository
-from modelport.bundle import write_config
+from modelport.packaged import default_model
+
+from modelport.repository import layout as repository
+from modelport.repository.bundle import write_config
 from modelport.errors import BadInput, MissingExtra
-from modelport.model import Model
-from modelport.registry import check_name
+from modelport.engine.model import Model
+from modelport.lifecycle.routing import check_name
 from modelport.retrain import dataset as dataset_module
 from modelport.retrain.features import Extraction, FeatureCache, backbone_id, extract
 from modelport.retrain.head import Head
@@ -88,7 +90,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
     train_x, train_y = stack(train)
     val_x, val_y = stack(val)
     head = head_module.fit(train_x, train_y, val_x, val_y, len(split.classes), seed=seed)
-    from modelport.predictions import softmax
+    from modelport.engine.predictions import softmax
 
     report = report_module.build(split.classes, val_y, softmax(head.logits(val_x)), head.probabilities(val_x),
                                  head.temperature, head.regularisation_c)

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from modelport.device import CPU, Device
+from modelport.runtime.device import CPU, Device
 from modelport.errors import BundleError
 from modelport.runtime import TensorSpec
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport.device import CPU, Device
+from modelport.runtime.device import CPU, Device
 from modelport.errors import BundleError
 from modelport.runtime import TensorSpec
 

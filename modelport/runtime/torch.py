@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport.device import CPU, Device
+from modelport.runtime.device import CPU, Device
 from modelport.errors import BundleError, MissingExtra
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
 

@@ -18,11 +18,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modelport.errors import ModelportError
-from modelport.imaging import lower_priority
+from modelport.engine.imaging import lower_priority
 from modelport.memory import trim_when_idle
-from modelport.batching import Cores
-from modelport.bundle import Serving, load_bundle
-from modelport.model import Model
+from modelport.engine.batching import Cores
+from modelport.repository.bundle import Serving, load_bundle
+from modelport.engine.model import Model
 from modelport.server import demo, kserve, rollouts, tfserving, upload
 from modelport.server.config import ServerConfig
 from modelport.server.http import ClientGone, error_response, internal_error, json_response
@@ -31,9 +31,9 @@ from modelport.server.metrics import CONTENT_TYPE, Metrics
 from modelport.server.observe import Observe
 from modelport.pipeline.config import PipelineConfig
 from modelport.pipeline.service import PipelineService
-from modelport.registry import READY, Registry
-from modelport.reload import Reloader
-from modelport.service import ModelService
+from modelport.lifecycle.routing import READY, Registry
+from modelport.lifecycle.watcher import Reloader
+from modelport.engine.service import ModelService
 
 logger = logging.getLogger("modelport.server")
 
@@ -101,7 +101,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             lambda: not any(s.batcher.busy or s.batcher.queued for s in registry.services())))
         rpc = None
         if config.zmq_port is not None:
-            from modelport.rpc import RpcServer
+            from modelport.server.rpc import RpcServer
 
             port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
             rpc = RpcServer(lambda: registry, address=f"tcp://{config.host}:{port}",

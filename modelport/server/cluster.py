@@ -8,7 +8,7 @@ import time
 
 from modelport.cluster.members import ClusterURL, Member
 from modelport.cluster.membership import Membership
-from modelport.registry import READY, Registry
+from modelport.lifecycle.routing import READY, Registry
 from modelport.server.config import ServerConfig
 from modelport.server.metrics import Metrics
 

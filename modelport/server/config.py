@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from modelport.imaging import DEFAULT_MAX_PIXELS
-from modelport.service import DEFAULT_MAX_IMAGES
+from modelport.engine.imaging import DEFAULT_MAX_PIXELS
+from modelport.engine.service import DEFAULT_MAX_IMAGES
 
 DEFAULT_PORT = 12480  # the article's port
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 import modelport
-from modelport.registry import READY
+from modelport.lifecycle.routing import READY
 from modelport.server.http import json_response
 
 

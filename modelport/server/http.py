@@ -14,7 +14,7 @@ from starlette.responses import Response
 from modelport import untrusted
 from modelport.errors import ModelportError
 from modelport.server.config import ServerConfig
-from modelport.service import ModelService, Timing
+from modelport.engine.service import ModelService, Timing
 
 logger = logging.getLogger("modelport.server")
 T = TypeVar("T")

@@ -25,7 +25,7 @@ from modelport import untrusted
 from modelport.errors import BadInput, Forbidden, Unauthorized
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, unless_disconnected
-from modelport.service import ModelService
+from modelport.engine.service import ModelService
 
 ENCODED_INPUT = "image_bytes"
 BINARY_HEADER = "inference-header-content-length"

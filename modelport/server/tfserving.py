@@ -20,7 +20,7 @@ from modelport import untrusted
 from modelport.errors import BadInput
 from modelport.runtime import V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, unless_disconnected
-from modelport.service import ModelService
+from modelport.engine.service import ModelService
 
 
 _TF_STATES = {"LOADING": "LOADING", "READY": "AVAILABLE", "UNLOADING": "UNLOADING", "FAILED": "END",

@@ -14,14 +14,14 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from modelport.batching import Batcher, BatchInfo, Cores
-from modelport.bundle import Serving
+from modelport.engine.batching import Batcher, BatchInfo, Cores
+from modelport.repository.bundle import Serving
 from modelport.errors import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, Unavailable
-from modelport.imaging import DEFAULT_MAX_PIXELS, to_model_input
-from modelport.model import Model
-from modelport.predictions import Prediction
+from modelport.engine.imaging import DEFAULT_MAX_PIXELS, to_model_input
+from modelport.engine.model import Model
+from modelport.engine.predictions import Prediction
 from modelport.runtime import V2_TO_NUMPY
-from modelport.slo import Planner
+from modelport.engine.slo import Planner
 
 
 @dataclass

@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from modelport import wire
+from modelport.protocol import wire
 from modelport.errors import ModelportError
-from modelport.predictions import Prediction
+from modelport.engine.predictions import Prediction
 
 DEFAULT_MODEL = "efficientnet-lite0"
 ImageLike = str | os.PathLike | bytes

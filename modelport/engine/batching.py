@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 from modelport.errors import DeadlineExceeded, Overloaded, Unavailable
-from modelport.slo import Planner
+from modelport.engine.slo import Planner
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -6,10 +6,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelport import default_model, untrusted
-from modelport.bundle import CONFIG_FILE
+from modelport import untrusted
+
+from modelport.packaged import default_model
+from modelport.repository.bundle import CONFIG_FILE
 from modelport.errors import BundleError, NotFound
-from modelport.rollout import RolloutPolicy
+from modelport.lifecycle.rollout import RolloutPolicy
 
 
 def resolve(ref: str | None) -> Path:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from modelport.bundle import ImageInput
+from modelport.repository.bundle import ImageInput
 from modelport.errors import BadInput
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: larger than any phone photo, far below a bomb.

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from modelport import imaging
-from modelport.device import Device
-from modelport.bundle import Bundle, load_bundle
+from modelport.engine import imaging
+from modelport.runtime.device import Device
+from modelport.repository.bundle import Bundle, load_bundle
 from modelport.errors import BadInput, BundleError
-from modelport.predictions import Prediction, softmax, top_k
+from modelport.engine.predictions import Prediction, softmax, top_k
 from modelport.runtime import V2_TO_NUMPY, TensorSpec, runtime_class
 from modelport.runtime.precision import ENGINES
 from modelport.runtime.precision import plan as precision_plan

@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from modelport.errors import ModelportError
-from modelport.imaging import lower_priority
-from modelport.model import Model
+from modelport.engine.imaging import lower_priority
+from modelport.engine.model import Model
 
 _EOF = None
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 from modelport import untrusted
 from modelport.memory import release_memory
 from modelport.errors import BadInput, NotFound, Unavailable
-from modelport.service import ModelService
+from modelport.engine.service import ModelService
 
 if TYPE_CHECKING:
-    from modelport.rollout import Rollout
+    from modelport.lifecycle.rollout import Rollout
 
 LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
 ROLLED_BACK = "ROLLED_BACK"

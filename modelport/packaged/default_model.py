@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from modelport.bundle import CONFIG_FILE
+from modelport.repository.bundle import CONFIG_FILE
 
 logger = logging.getLogger("modelport.default_model")
 
@@ -47,7 +47,7 @@ def ensure_default_model(home: Path | None = None, *, checks: bool = True) -> Pa
 
 
 def _build(target: Path, checks: bool = True) -> None:
-    from modelport.packaged import build
+    from modelport.packaged.weights import build
 
     logger.info("building %s into %s (first use only)", NAME, target)
     build(NAME, target, runtime="onnx", checks=checks)

@@ -19,7 +19,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from modelport.bundle import write_config
+from modelport.repository.bundle import write_config
 from modelport.errors import BadInput, MissingExtra
 
 logger = logging.getLogger("modelport.packaged")
@@ -114,7 +114,7 @@ def _check_reduced(directory: Path, name: str) -> None:
     photos, with the gate of ``modelport optimize``, and record each that keeps the answers and is
     faster (bf16: the same file; INT8: its graph beside the fp32 one). ``precision = "auto"`` then
     serves the fastest of them (runtime/precision.py); with none, the model serves at fp32."""
-    from modelport.bundle import load_bundle
+    from modelport.repository.bundle import load_bundle
     from modelport.optimize import bf16, int8
     from modelport.runtime.precision import native_bf16, openvino_installed
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelport import untrusted
-from modelport.device import Device
+from modelport.runtime.device import Device
 from modelport.errors import BundleError
 from modelport.runtime import RUNTIMES
 from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS

@@ -28,14 +28,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from modelport import repository
-from modelport.bundle import CONFIG_FILE
+from modelport.repository import layout as repository
+from modelport.repository.bundle import CONFIG_FILE
 from modelport.errors import ModelportError, NotFound, Unavailable
 from modelport.memory import release_memory
-from modelport.registry import FAILED, LOADING, READY, ROLLED_BACK, Registry, check_name
-from modelport.rollout import PROMOTED, Rollout
+from modelport.lifecycle.routing import FAILED, LOADING, READY, ROLLED_BACK, Registry, check_name
+from modelport.lifecycle.rollout import PROMOTED, Rollout
 from modelport.pipeline.config import PIPELINE_FILE, PipelineConfig, check_graph, read_pipeline
-from modelport.service import ModelService
+from modelport.engine.service import ModelService
 
 logger = logging.getLogger("modelport.reload")
 

@@ -235,7 +235,7 @@ class Rollout:
         task.add_done_callback(self._tasks.discard)
 
     async def _copy(self, stage, source, target, images, crops, tensor, outputs, timing) -> None:
-        from modelport.service import Timing
+        from modelport.engine.service import Timing
 
         mine = Timing()
         try:

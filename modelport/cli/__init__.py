@@ -33,8 +33,9 @@ def main() -> None:
 
 def load_model(ref: str | None, *, quiet: bool = False):
     """Resolve and load a model, with a progress line if the default model must be built first."""
-    from modelport import default_model, repository
-    from modelport.model import Model
+    from modelport.packaged import default_model
+    from modelport.repository import layout as repository
+    from modelport.engine.model import Model
 
     if (ref is None or ref == default_model.NAME) and not default_model.default_model_dir().is_dir() and not quiet:
         from rich.console import Console
@@ -66,7 +67,7 @@ def classify(images: tuple[Path, ...], model_ref: str | None, top_k: int | None,
     model = load_model(model_ref)
     k = top_k or model.bundle.serving.top_k
     if from_stdin:
-        from modelport.stream import classify_stream
+        from modelport.engine.stream import classify_stream
 
         def emit(result: dict) -> None:
             sys.stdout.write(json.dumps(result) + "\n")
@@ -186,8 +187,10 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
     """Build a packaged model (EfficientNet-Lite0/1/2, ImageNet) into a repository as a new version."""
     import tempfile
 
-    from modelport import default_model, repository
-    from modelport.packaged import build
+    from modelport.packaged import default_model
+
+    from modelport.repository import layout as repository
+    from modelport.packaged.weights import build
 
     root = output or default_model.model_home() / "models"
     if not int8:
@@ -214,7 +217,7 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
                    "--no-checks for an image built on one machine and run on others: it serves at fp32.")
 def build_default(checks: bool) -> None:
     """Build the default model (EfficientNet-Lite0, ImageNet) into the cache and print its path."""
-    from modelport import default_model
+    from modelport.packaged import default_model
 
     if checks:
         load_model(None)
@@ -290,17 +293,18 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     drain and unload). Without SOURCE, serves the default model (efficientnet-lite0) on
     127.0.0.1:12480.
     """
-    from modelport import default_model, repository
-    from modelport.bundle import CONFIG_FILE
+    from modelport.packaged import default_model
+    from modelport.repository import layout as repository
+    from modelport.repository.bundle import CONFIG_FILE
     from modelport.errors import NotFound
-    from modelport.registry import check_name
+    from modelport.lifecycle.routing import check_name
     from modelport.server.config import BatchingOverrides, ServerConfig
     from modelport.server.run import serve as run_server
 
     if source and repository_dir:
         raise click.UsageError("give SOURCE or --repository, not both")
     if device is not None:
-        from modelport.device import Device
+        from modelport.runtime.device import Device
 
         Device.parse(device)  # a typo is an error now, not after the models load
     if cluster is not None:
@@ -544,8 +548,8 @@ def optimize(model_ref: str, precision: str, engine: str, calibration: Path | No
     MODEL is a model directory (its highest version is the source) or a version directory. Exit
     status 1 and nothing written when the new version misses --min-agreement or --min-top5.
     """
-    from modelport import repository
-    from modelport.bundle import load_bundle
+    from modelport.repository import layout as repository
+    from modelport.repository.bundle import load_bundle
     from modelport.folders import find_images, truth_from_labels
 
     source = repository.resolve(model_ref)
@@ -861,7 +865,7 @@ def _print_rollout(status: dict, as_json: bool) -> None:
 
 
 def _step_dir(root: Path, model: str, version: str | None) -> Path:
-    from modelport import repository
+    from modelport.repository import layout as repository
     from modelport.errors import NotFound
 
     model_dir = root / model

@@ -15,10 +15,12 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from modelport import untrusted, wire
+from modelport import untrusted
+
+from modelport.protocol import wire
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
-from modelport.registry import Registry
-from modelport.service import ModelService, Timing
+from modelport.lifecycle.routing import Registry
+from modelport.engine.service import ModelService, Timing
 
 logger = logging.getLogger("modelport.rpc")
 
