@@ -31,7 +31,8 @@ from modelport.engine.model import Model
 from modelport.pipeline import service as pipeline_service
 from modelport.pipeline.config import MAX_DEPTH, check_graph, read_pipeline
 from modelport.pipeline.service import PipelineService, _Images
-from modelport.lifecycle.routing import READY, Registry
+from modelport.lifecycle.routing import RoutingTable
+from modelport.lifecycle.states import State
 from modelport.engine.service import ModelService, Timing
 from servers import Gate, Server, free_port, make_gate_bundle, metric, raw_dealer, wait_until
 
@@ -526,17 +527,17 @@ async def test_a_cascade_decodes_each_escalated_image_once_and_an_ensemble_each_
     cheap, accurate = Model.load(default_bundle, name=CHEAP), Model.load(lite2_like, name=LITE2_LIKE)
     expected = {m.name: m.predict(np.stack([m.decode(p) for p in photos])) for m in (cheap, accurate)}
     decodes.clear()
-    registry = Registry()
+    routing = RoutingTable()
     with ThreadPoolExecutor(2) as pool:
         services = [ModelService(m, decode_pool=pool) for m in (cheap, accurate)]
         for service in services:
             service.start()
-            registry.set_state(service.name, 1, READY, service=service)
+            routing.set_state(service.name, 1, State.READY, service=service)
         try:
             for kind, extra in (("cascade", "escalate_below = 1.0"), ("ensemble", "")):
                 config = read_pipeline(write_pipeline(tmp_path, kind, f'kind = "{kind}"\n'
                                                       f'steps = ["{CHEAP}", "{LITE2_LIKE}"]\n{extra}\n'))
-                pipeline = PipelineService(kind, config, registry, decode_pool=pool,
+                pipeline = PipelineService(kind, config, routing, decode_pool=pool,
                                            max_pixels=imaging.DEFAULT_MAX_PIXELS, max_images=16)
                 timing = Timing()
                 answer = (await pipeline.infer_images(photos, deadline=None, timing=timing))["probabilities"]

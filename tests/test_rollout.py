@@ -20,7 +20,7 @@ import pytest
 from conftest import make_tiny_bundle
 from modelport import samples
 from modelport.errors import BundleError
-from modelport.repository.layout import read_model_config
+from modelport.repository.model_config import read_model_config
 from servers import Server, metric, wait_until
 from test_slo import cost_bundle
 
@@ -303,7 +303,8 @@ def test_the_canary_share_holds_request_by_request(share):
     import random
     import types
 
-    from modelport.lifecycle.rollout import CANARY, Rollout, RolloutPolicy
+    from modelport.lifecycle.rollout import CANARY, Rollout
+    from modelport.repository.model_config import RolloutPolicy
 
     serving, candidate = types.SimpleNamespace(version=1), types.SimpleNamespace(version=2)
     rollout = Rollout("m", RolloutPolicy(shadow_requests=0, canary_share=share, canary_requests=10 ** 6),

@@ -84,10 +84,10 @@ def _server_delta(before, after) -> dict[str, float] | None:
 
 def in_process_limit(model_ref: str, images: Sequence[bytes], seconds: float = 5.0) -> float:
     """Images a second of MODEL in this process: decode + batches of 8, on the same images."""
-    from modelport.repository import layout as repository
+    from modelport.packaged import default_model
     from modelport.engine.model import Model
 
-    model = Model.load(repository.resolve(model_ref))
+    model = Model.load(default_model.resolve(model_ref))
     model.predict(np.stack([model.decode(images[0])]))
     done, start, i = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds or done < 16:

@@ -34,16 +34,15 @@ def main() -> None:
 def load_model(ref: str | None, *, quiet: bool = False):
     """Resolve and load a model, with a progress line if the default model must be built first."""
     from modelport.packaged import default_model
-    from modelport.repository import layout as repository
     from modelport.engine.model import Model
 
     if (ref is None or ref == default_model.NAME) and not default_model.default_model_dir().is_dir() and not quiet:
         from rich.console import Console
 
         with Console(stderr=True).status(f"Building {default_model.NAME} (first use only)..."):
-            path = repository.resolve(ref)
+            path = default_model.resolve(ref)
     else:
-        path = repository.resolve(ref)
+        path = default_model.resolve(ref)
     return Model.load(path)
 
 
@@ -187,12 +186,12 @@ def build_model(name: str, runtime: str, output: Path | None, int8: bool, min_ag
     """Build a packaged model (EfficientNet-Lite0/1/2, ImageNet) into a repository as a new version."""
     import tempfile
 
-    from modelport.packaged import default_model
+    from modelport.home import model_home
 
     from modelport.repository import layout as repository
     from modelport.packaged.weights import build
 
-    root = output or default_model.model_home() / "models"
+    root = output or model_home() / "models"
     if not int8:
         existing = [int(p.name) for p in repository.versions(root / name)]
         click.echo(build(name, root / name / str(max(existing, default=0) + 1), runtime=runtime))
@@ -278,7 +277,7 @@ def build_default(checks: bool) -> None:
               help="Join a cluster: etcd://HOST:PORT/NAME. Registers once every model is ready (see `modelport balance`).")
 @click.option("--advertise", default=None, help="Host name or address others reach this server at (default: --host).")
 @click.option("--lease-ttl-s", type=click.IntRange(min=1), default=3, show_default=True,
-              help="With --cluster: the registry forgets a worker that stops refreshing for this long.")
+              help="With --cluster: the member directory forgets a worker that stops refreshing for this long.")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=3.0, show_default=True,
               help="With --cluster, on SIGTERM: keep serving this long after announcing 'draining'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
@@ -297,7 +296,7 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     from modelport.repository import layout as repository
     from modelport.repository.bundle import CONFIG_FILE
     from modelport.errors import NotFound
-    from modelport.lifecycle.routing import check_name
+    from modelport.repository.layout import check_name
     from modelport.server.config import BatchingOverrides, ServerConfig
     from modelport.server.run import serve as run_server
 
@@ -354,7 +353,7 @@ def _cluster_url(ctx, param, value):
 
 
 CLUSTER_OPTION = click.option("--cluster", required=True, envvar="MODELPORT_CLUSTER", callback=_cluster_url,
-                              help="The cluster's registry: etcd://HOST:PORT/NAME (also $MODELPORT_CLUSTER).")
+                              help="The cluster's member directory in etcd: etcd://HOST:PORT/NAME (also $MODELPORT_CLUSTER).")
 
 
 @main.command()
@@ -374,7 +373,7 @@ CLUSTER_OPTION = click.option("--cluster", required=True, envvar="MODELPORT_CLUS
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, haproxy_socket: str | None,
             backend: str, threads: int | None, log_level: str) -> None:
-    """Run HAProxy in front of the cluster's workers, following the registry (no reloads)."""
+    """Run HAProxy in front of the cluster's workers, following the member directory (no reloads)."""
     import asyncio
     import logging
     import signal
@@ -469,7 +468,7 @@ def dns(cluster, host: str, port: int, domain: str, ttl_s: int, log_level: str) 
 
 @main.group()
 def cluster() -> None:
-    """Look at a cluster's registry."""
+    """Look at a cluster's member directory (etcd)."""
 
 
 @cluster.command("ls")
@@ -548,11 +547,11 @@ def optimize(model_ref: str, precision: str, engine: str, calibration: Path | No
     MODEL is a model directory (its highest version is the source) or a version directory. Exit
     status 1 and nothing written when the new version misses --min-agreement or --min-top5.
     """
-    from modelport.repository import layout as repository
+    from modelport.packaged import default_model
     from modelport.repository.bundle import load_bundle
     from modelport.folders import find_images, truth_from_labels
 
-    source = repository.resolve(model_ref)
+    source = default_model.resolve(model_ref)
     evaluation, truth = None, None
     if eval_dir is not None:
         eval_paths, labels = find_images(eval_dir)
@@ -865,19 +864,21 @@ def _print_rollout(status: dict, as_json: bool) -> None:
 
 
 def _step_dir(root: Path, model: str, version: str | None) -> Path:
-    from modelport.repository import layout as repository
     from modelport.errors import NotFound
+    from modelport.packaged import default_model
+    from modelport.pipeline.config import PIPELINE_FILE
+    from modelport.repository.model_config import read_model_config
 
     model_dir = root / model
     if not model_dir.is_dir():
         raise NotFound(f"step {model!r}: no such model in {root}")
-    if (model_dir / "pipeline.toml").is_file():
+    if (model_dir / PIPELINE_FILE).is_file():
         raise NotFound(f"step {model!r} is a pipeline: evaluate a cascade of models")
     if version is None:
-        return repository.resolve(str(model_dir))
+        return default_model.resolve(str(model_dir))
     from modelport import untrusted
 
-    number = version if untrusted.ascii_digits(version) else repository.read_model_config(model_dir).labels.get(version)
+    number = version if untrusted.ascii_digits(version) else read_model_config(model_dir).labels.get(version)
     if number is None or not (model_dir / str(number)).is_dir():
         raise NotFound(f"step {model}:{version}: no such version in {model_dir}")
     return model_dir / str(number)

@@ -1,5 +1,5 @@
 """One client for both transports: ``Client("zmq://host:12490")`` or ``Client("http://host:12480")``,
-or for a whole cluster: ``Client("etcd://host:2379/prod")`` finds the workers in the registry and
+or for a whole cluster: ``Client("etcd://host:2379/prod")`` finds the workers in the member directory and
 calls them directly (``modelport/cluster/discovery.py``: choice of worker, failover, hedging).
 
     from modelport import Client

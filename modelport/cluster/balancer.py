@@ -1,6 +1,6 @@
-"""``modelport balance``: HAProxy in front of the cluster, following the registry.
+"""``modelport balance``: HAProxy in front of the cluster, following the member directory.
 
-The registry (``Directory``) is mirrored into HAProxy's backend with the runtime API: a new
+The member directory (``Directory``) is mirrored into HAProxy's backend with the runtime API: a new
 member is added and enabled; a ``draining`` member is set to drain (no new requests, in-flight
 ones finish); a member that left is put in maintenance and deleted once its connections are
 gone. Every pass compares what etcd says with what HAProxy reports (``show servers state``), so
@@ -88,7 +88,7 @@ class Balancer:
                 logger.info("worker %s ready again", name)
         for name in actual.keys() - wanted.keys():
             if name not in self._removing:
-                logger.info("worker %s left the registry: removing its server", name)
+                logger.info("worker %s left the member directory: removing its server", name)
                 self._remove(name)
 
     def _remove(self, name: str) -> None:
@@ -100,7 +100,7 @@ class Balancer:
                 logger.warning("removing worker %s: %s", name, exc.message)
             finally:
                 self._removing.pop(name, None)
-                self._dirty.set()  # it may be back in the registry by now
+                self._dirty.set()  # it may be back in the member directory by now
 
         self._removing[name] = asyncio.create_task(remove(), name=f"remove-{name}")
 

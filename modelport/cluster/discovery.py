@@ -1,17 +1,17 @@
-"""Client-side discovery: the client finds workers in the registry and calls them directly.
+"""Client-side discovery: the client finds workers in the member directory and calls them directly.
 
 The article's "pseudo-DNS": step one, look the workers up (a ``Directory``: listed once, then
-followed by watch, so no registry round trip per request, and the last known list survives an
+followed by watch, so no etcd round trip per request, and the last known list survives an
 etcd outage); step two, call one of them with the ordinary single-address client
 (``modelport.client.AsyncClient``), whose request building and error mapping are reused as they are.
 
-- **Which workers**: those whose registry entry has the requested model (and version or label)
+- **Which workers**: those whose directory entry has the requested model (and version or label)
   READY and is not ``draining``.
 - **Which one**: power of two choices on a cost the client measures itself: Finagle's peak EWMA
   of latency (a slow answer counts at once, fast ones decay it over ``tau_s``) times the requests
   it has in flight there, plus half the load the worker advertises.
 - **Failover**: a failure that says "not here" (connection refused or reset, the worker left the
-  registry mid-request, 503 draining/overloaded) is retried on another worker, within a retry
+  member directory mid-request, 503 draining/overloaded) is retried on another worker, within a retry
   budget (``retry_ratio`` extra requests over a 10 s window, plus a small floor); an error that
   came from the model (400, 404, 500, deadline) is returned as it is.
 - **Hedging** (off unless ``hedge_after_ms``): if the first attempt has not answered after a delay
@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 
 class WorkerGone(Unavailable):
-    """The worker left the registry (or could not be reached) while a request was on its way."""
+    """The worker left the member directory (or could not be reached) while a request was on its way."""
 
 
 class LatencyWindow:
@@ -149,7 +149,7 @@ def _retryable(exc: BaseException) -> bool:
 
     if isinstance(exc, (WorkerGone, Overloaded)):
         return True
-    if isinstance(exc, Unavailable):  # draining or still loading there; not "registry unreachable"
+    if isinstance(exc, Unavailable):  # draining or still loading there; not "member directory unreachable"
         return exc.kind == "unavailable"
     # refused, reset, closed before the reply (the worker is gone); not a timeout
     return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)) and \
@@ -185,7 +185,7 @@ class Discovery:
         try:
             await asyncio.wait_for(self.directory.synced.wait(), self.timeout_s)
         except asyncio.TimeoutError:
-            raise Unavailable(f"registry {self.cluster} unreachable: no worker list after {self.timeout_s} s") from None
+            raise Unavailable(f"directory {self.cluster} unreachable: no worker list after {self.timeout_s} s") from None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -323,7 +323,7 @@ class Discovery:
             result = await op(endpoint.client)
         except asyncio.CancelledError:
             if endpoint.gone:
-                raise WorkerGone(f"worker {endpoint.member.id} left the registry during the request") from None
+                raise WorkerGone(f"worker {endpoint.member.id} left the member directory during the request") from None
             # A hedge's loser: its latency is at least this long, and no shorter than the worker's
             # usual (a lower bound is not a sample: taken as one, a slow worker whose requests are
             # always hedged would look as fast as the hedge delay). It counts in the p95 too:

@@ -1,7 +1,7 @@
-"""``modelport dns``: the registry as DNS SRV records, for tools that speak DNS.
+"""``modelport dns``: the member directory as DNS SRV records, for tools that speak DNS.
 
 An authoritative server for ``<cluster>.<domain>.`` (packets encoded and decoded by ``dnslib``),
-following the registry by watch, so an answer is at most one change old:
+following the member directory by watch, so an answer is at most one change old:
 
     _modelport._tcp.<cluster>.<domain>          SRV  every ready worker's HTTP port
     _modelport-zmq._tcp.<cluster>.<domain>      SRV  every ready worker's ZeroMQ port
@@ -42,7 +42,7 @@ def _label(text: str) -> bool:
 
 
 class Zone:
-    """The records for one cluster, rebuilt from the members on every registry change."""
+    """The records for one cluster, rebuilt from the members on every change of the directory."""
 
     def __init__(self, cluster: ClusterURL, *, domain: str = "modelport", ttl_s: int = 1) -> None:
         self.dnslib = dns_library()

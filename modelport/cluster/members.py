@@ -95,7 +95,7 @@ class Member:
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Member":
-        """Parse a registry value; ``ValueError`` for anything that is not a schema-1 member."""
+        """Parse a member key; ``ValueError`` for anything that is not a schema-1 member."""
         try:
             value = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -169,14 +169,14 @@ class Directory:
                 values, revision = await self._etcd.list(self.cluster.prefix)
                 self._replace(values)
                 if not self.connected:
-                    logger.info("registry %s: %d member(s)", self.cluster, len(self.members))
+                    logger.info("directory %s: %d member(s)", self.cluster, len(self.members))
                 self.connected = True
                 backoff = 0.1
                 async for change in self._etcd.watch(self.cluster.prefix, revision + 1):
                     self._apply(change)
             except EtcdUnavailable as exc:
                 if self.connected:
-                    logger.warning("registry %s: %s; keeping the last %d member(s), retrying",
+                    logger.warning("directory %s: %s; keeping the last %d member(s), retrying",
                                    self.cluster, exc.message, len(self.members))
                 self.connected = False
                 await asyncio.sleep(backoff)
@@ -217,7 +217,7 @@ class Directory:
                 raise ValueError(f"its id {member.id!r} does not match the key")
         except ValueError as exc:
             if key not in self._skipped:
-                logger.warning("registry: skipping %s: %s", key, exc)
+                logger.warning("directory: skipping %s: %s", key, exc)
                 self._skipped.add(key)
             return None
         self._skipped.discard(key)

@@ -1,4 +1,4 @@
-"""A worker's membership: its key in the registry, from serving to exit.
+"""A worker's membership: its key in the member directory, from serving to exit.
 
 Once every model is loaded and warm, the worker writes its key (``members.py`` has the layout)
 bound to a lease of ``ttl_s`` and refreshes the lease every ``ttl_s / 3``. The value is rewritten
@@ -55,7 +55,7 @@ class Membership:
         try:
             await asyncio.wait_for(self._drain_published.wait(), timeout_s)
         except asyncio.TimeoutError:
-            logger.warning("could not publish 'draining' within %.1f s (registry unreachable?)", timeout_s)
+            logger.warning("could not publish 'draining' within %.1f s ((etcd unreachable?))", timeout_s)
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Stop refreshing and revoke the lease: the key is gone at once."""
@@ -82,7 +82,7 @@ class Membership:
                 await self._refresh_forever()
             except EtcdUnavailable as exc:
                 if self.registered.is_set():
-                    logger.warning("registry %s: %s; still serving, will register again", self.cluster, exc.message)
+                    logger.warning("directory %s: %s; still serving, will register again", self.cluster, exc.message)
                 self.registered.clear()
                 self._published = None
                 await asyncio.sleep(backoff)
@@ -122,7 +122,7 @@ class Membership:
             if member != self._published:
                 await self._etcd.put(self.cluster.key(member.id), member.to_json(), lease=self._lease)
                 if member.state != self._published.state or member.models != self._published.models:
-                    logger.info("registry entry now %s with %s", member.state, _models_text(member))
+                    logger.info("directory entry now %s with %s", member.state, _models_text(member))
                 self._published_now(member)
 
     def _published_now(self, member: Member) -> None:

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import asdict
+from typing import Callable
 
 import numpy as np
 
-from modelport.errors import BadInput, BundleError, Overloaded, PayloadTooLarge, Unavailable
+from modelport.errors import BadInput, Overloaded, PayloadTooLarge, Unavailable
+from modelport.repository.model_config import RolloutPolicy
 
 logger = logging.getLogger("modelport.rollout")
 
@@ -56,51 +56,6 @@ _CORES = os.cpu_count() or 1
 _LATENCY_FLOOR_S = 0.002
 # The client's own mistakes and refusals say nothing about a version's health.
 _NOT_ITS_FAULT = (BadInput, PayloadTooLarge, Overloaded, Unavailable, asyncio.CancelledError)
-
-
-@dataclass(frozen=True)
-class RolloutPolicy:
-    """The ``[rollout]`` table of ``model.toml``."""
-
-    shadow_requests: int = 500  # compared shadow answers before the shadow verdict; 0 = no shadow stage
-    min_agreement: float = 0.97  # top-1 label agreement with the serving version
-    canary_share: float = 0.1  # of requests that name no version; 0 = no canary stage
-    canary_requests: int = 1000  # canary answers before the canary verdict
-    max_error_rate: float = 0.01
-    max_p99_ratio: float = 1.5  # candidate's p99 latency / the serving version's
-
-    @classmethod
-    def from_table(cls, raw: Any, path) -> "RolloutPolicy":
-        if not isinstance(raw, dict):
-            raise BundleError(f"{path}: [rollout] must be a table")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise BundleError(f"{path}: rollout.{unknown[0]} is not a rollout setting; the settings are "
-                              f"{', '.join(cls.__dataclass_fields__)}")
-        values = {}
-        for name, field in cls.__dataclass_fields__.items():
-            if name not in raw:
-                continue
-            value = raw[name]
-            is_int = field.type in ("int", int)
-            if isinstance(value, bool) or not isinstance(value, (int,) if is_int else (int, float)) \
-                    or not math.isfinite(value):
-                raise BundleError(f"{path}: rollout.{name} must be {'a whole number' if is_int else 'a number'}, "
-                                  f"got {value!r}")
-            values[name] = value if is_int else float(value)
-        policy = cls(**values)
-        for name, low, high in (("shadow_requests", 0, None), ("canary_requests", 0, None),
-                                ("min_agreement", 0, 1), ("canary_share", 0, 1), ("max_error_rate", 0, 1),
-                                ("max_p99_ratio", 1, None)):
-            value = getattr(policy, name)
-            if value < low or (high is not None and value > high):
-                bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-                raise BundleError(f"{path}: rollout.{name} = {value!r} must be {bounds}")
-        if policy.canary_share > 0 and policy.canary_requests == 0 or policy.canary_share == 0 and \
-                "canary_requests" in raw and policy.canary_requests > 0:
-            raise BundleError(f"{path}: rollout.canary_share and rollout.canary_requests go together: "
-                              f"both above 0 for a canary stage, or canary_share = 0 for none")
-        return policy
 
 
 class Rollout:

@@ -12,29 +12,19 @@ with the reason) when a rollout judged it bad. While a model has a rollout in pr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from modelport import untrusted
+from modelport.lifecycle.states import State
 from modelport.memory import release_memory
-from modelport.errors import BadInput, NotFound, Unavailable
+from modelport.errors import NotFound, Unavailable
+from modelport.repository.layout import check_name
 from modelport.engine.service import ModelService
 
 if TYPE_CHECKING:
     from modelport.lifecycle.rollout import Rollout
 
-LOADING, READY, UNLOADING, FAILED, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "FAILED", "UNAVAILABLE"
-ROLLED_BACK = "ROLLED_BACK"
-_VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_name(name: str, what: str = "model name") -> str:
-    """Model names are plain directory names: no separators, no '..', no NUL, nothing hidden."""
-    if not isinstance(name, str) or not _VALID_NAME.fullmatch(name) or ".." in name:
-        raise BadInput(f"invalid {what} {name!r}: letters, digits, '.', '_' and '-' only, "
-                       f"starting with a letter or digit")
-    return name
 
 
 @dataclass
@@ -50,7 +40,7 @@ class _Model:
     labels: dict[str, int] = field(default_factory=dict)
 
 
-class Registry:
+class RoutingTable:
     def __init__(self, observer=None) -> None:
         self._models: dict[str, _Model] = {}
         self.rollouts: dict[str, "Rollout"] = {}  # the last rollout of each model, in progress or ended
@@ -73,25 +63,25 @@ class Registry:
             rollout = self.rollouts.get(name)
             if rollout is not None and rollout.active:
                 return rollout.pick() if routed else rollout.serving
-            ready = [v for v, s in model.versions.items() if s.state == READY]
+            ready = [v for v, s in model.versions.items() if s.state == State.READY]
             if not ready:
-                if any(s.state == LOADING for s in model.versions.values()):
+                if any(s.state == State.LOADING for s in model.versions.values()):
                     why = "; ".join(f"version {v} {s.reason}" for v, s in sorted(model.versions.items())
-                                    if s.state == LOADING and s.reason)
+                                    if s.state == State.LOADING and s.reason)
                     raise Unavailable(f"model {name!r} has no version ready" + (f" ({why})" if why else ""),
                                       retry_after_s=1)
                 failed = "; ".join(f"version {v} FAILED: {s.reason}" for v, s in sorted(model.versions.items())
-                                   if s.state == FAILED and s.reason)
+                                   if s.state == State.FAILED and s.reason)
                 raise NotFound(f"model {name!r} has no version available" + (f" ({failed})" if failed else ""))
             return model.versions[max(ready)].service
         number = self._version_number(name, model, version)
         state = model.versions.get(number)
-        if state is None or state.state in (FAILED, UNAVAILABLE):
+        if state is None or state.state in (State.FAILED, State.UNAVAILABLE):
             detail = f" ({state.reason})" if state is not None and state.reason else ""
             raise NotFound(f"model {name!r} has no version {number} available{detail}")
-        if state.state == LOADING:
+        if state.state == State.LOADING:
             raise Unavailable(f"model {name!r} version {number} is still loading", retry_after_s=1)
-        if state.state == UNLOADING:
+        if state.state == State.UNLOADING:
             raise NotFound(f"model {name!r} version {number} is being unloaded")
         return state.service
 
@@ -106,7 +96,7 @@ class Registry:
         raise NotFound("no model loaded")
 
     def services(self) -> list[ModelService]:
-        return [s.service for m in self._models.values() for s in m.versions.values() if s.state == READY]
+        return [s.service for m in self._models.values() for s in m.versions.values() if s.state == State.READY]
 
     def __iter__(self):
         return iter(self.services())
@@ -137,7 +127,7 @@ class Registry:
         model = self._models.setdefault(name, _Model())
         old = model.versions.get(version)
         model.versions[version] = VersionState(state, reason, service if service is not None else
-                                               (old.service if old and state in (READY, UNLOADING) else None))
+                                               (old.service if old and state in (State.READY, State.UNLOADING) else None))
         if self._observer is not None:
             self._observer.state_changed(name, version, old.state if old else None, state)
 
@@ -146,7 +136,7 @@ class Registry:
         service, for the caller to close (its queued requests are still answered)."""
         state = self._models[name].versions.get(version)
         service = state.service if state is not None else None
-        self.set_state(name, version, ROLLED_BACK, reason)
+        self.set_state(name, version, State.ROLLED_BACK, reason)
         return service
 
     def set_labels(self, name: str, labels: dict[str, int]) -> None:
@@ -161,9 +151,9 @@ class Registry:
         if state.service is None:  # FAILED or never loaded: just forget it
             self._forget(name, version, state.state)
             return
-        self.set_state(name, version, UNLOADING)
+        self.set_state(name, version, State.UNLOADING)
         await state.service.close()
-        self._forget(name, version, UNLOADING)
+        self._forget(name, version, State.UNLOADING)
         state.service = None
         release_memory()
 

@@ -1,4 +1,4 @@
-"""Keeping the registry in step with a repository directory: hot reload without dropping requests.
+"""Keeping the routing table in step with a repository directory: hot reload without dropping requests.
 
 A version directory counts once it is *complete*: it holds ``modelport.toml`` and its files (names,
 sizes, modification times) have not changed for ``settle_s``. So ``cp -r build/7 models/flowers/7``
@@ -32,7 +32,10 @@ from modelport.repository import layout as repository
 from modelport.repository.bundle import CONFIG_FILE
 from modelport.errors import ModelportError, NotFound, Unavailable
 from modelport.memory import release_memory
-from modelport.lifecycle.routing import FAILED, LOADING, READY, ROLLED_BACK, Registry, check_name
+from modelport.lifecycle.routing import RoutingTable
+from modelport.lifecycle.states import State
+from modelport.repository.layout import check_name
+from modelport.repository.model_config import read_model_config
 from modelport.lifecycle.rollout import PROMOTED, Rollout
 from modelport.pipeline.config import PIPELINE_FILE, PipelineConfig, check_graph, read_pipeline
 from modelport.engine.service import ModelService
@@ -88,12 +91,12 @@ class _Failure:
 
 
 class Reloader:
-    def __init__(self, root: Path, registry: Registry, load: Callable[[str, Path], Awaitable[ModelService]], *,
+    def __init__(self, root: Path, routing: RoutingTable, load: Callable[[str, Path], Awaitable[ModelService]], *,
                  load_pipeline: Callable[[str, PipelineConfig], object] | None = None,
                  settle_s: float = 0.5, poll_s: float = 1.0, watch: bool = True, observer=None) -> None:
         self.root = root
         self._observer = observer  # the server's metrics: rollout stages and answers
-        self.registry = registry
+        self.routing = routing
         self._load = load
         self._load_pipeline = load_pipeline
         self.settle_s = settle_s
@@ -113,13 +116,13 @@ class Reloader:
         self._waiting: set[str] = set()  # pipelines LOADING until a step of theirs is judged
 
     async def load_initial(self) -> None:
-        """Load what the repository holds now (once its files are still), then mark the registry
+        """Load what the repository holds now (once its files are still), then mark the routing table
         ready. Every pipeline is judged by then: READY, or FAILED with its own reason."""
         await self.sync()
         while self._unsettled:  # at start-up too, a version counts only once its files are still
             await asyncio.sleep(max(0.01, (self._next_wake or time.monotonic()) - time.monotonic()))
             await self.sync()
-        self.registry.ready = True
+        self.routing.ready = True
         if self._waiting:  # a step found nowhere was "still loading" until now: it is unknown
             await self.sync()
 
@@ -150,20 +153,20 @@ class Reloader:
             raise NotFound(f"no model {name!r} in the repository")
         self._unloaded_by_api.discard(name)
         await self.sync(only=name)
-        states = self.registry.versions(name)
-        if not any(s.state == READY for s in states.values()):
+        states = self.routing.versions(name)
+        if not any(s.state == State.READY for s in states.values()):
             reasons = "; ".join(f"version {v}: {s.reason}" for v, s in states.items() if s.reason)
             raise ModelportError(f"model {name!r} did not load: {reasons or 'no complete version'}")
 
     async def unload_model(self, name: str) -> None:
         check_name(name)
-        self.registry.versions(name)  # NotFound for a model that is not there
+        self.routing.versions(name)  # NotFound for a model that is not there
         self._unloaded_by_api.add(name)
         await self.sync(only=name)
 
     def rollout(self, name: str) -> Rollout:
         check_name(name)
-        rollout = self.registry.rollouts.get(name)
+        rollout = self.routing.rollouts.get(name)
         if rollout is None:
             raise NotFound(f"model {name!r} has had no rollout on this server")
         return rollout
@@ -190,7 +193,7 @@ class Reloader:
         async with self._lock:
             self._next_wake = None
             on_disk = self._models_on_disk()
-            names = [only] if only else _steps_first(set(on_disk) | {e["name"] for e in self.registry.index()},
+            names = [only] if only else _steps_first(set(on_disk) | {e["name"] for e in self.routing.index()},
                                                      on_disk)
             for name in names:
                 try:
@@ -215,19 +218,19 @@ class Reloader:
         return found
 
     async def _sync_model(self, name: str, model_dir: Path | None) -> None:
-        loaded = self.registry.versions(name) if self.registry.known(name) else {}
+        loaded = self.routing.versions(name) if self.routing.known(name) else {}
         if model_dir is None or name in self._unloaded_by_api:
             for version in list(loaded):
-                await self.registry.retire(name, version)
-            self.registry.set_labels(name, {})
-            self.registry.forget_model(name)
+                await self.routing.retire(name, version)
+            self.routing.set_labels(name, {})
+            self.routing.forget_model(name)
             self._waiting.discard(name)
             return
         if _is_pipeline(model_dir) and self._load_pipeline is not None:
             await self._sync_pipeline(name, model_dir / PIPELINE_FILE)
             return
         try:
-            config = repository.read_model_config(model_dir)
+            config = read_model_config(model_dir)
         except ModelportError as exc:
             logger.error("%s", exc.message)
             config = None
@@ -236,66 +239,66 @@ class Reloader:
             seen = self._seen.get(key)
             if seen is None or seen.signature != self._rolled_back[key]:  # new files: judge it again
                 del self._rolled_back[key]
-                if key[1] in loaded and loaded[key[1]].state == ROLLED_BACK:
-                    await self.registry.retire(*key)
+                if key[1] in loaded and loaded[key[1]].state == State.ROLLED_BACK:
+                    await self.routing.retire(*key)
             else:
                 complete.pop(key[1], None)
-        loaded = self.registry.versions(name) if self.registry.known(name) else {}
+        loaded = self.routing.versions(name) if self.routing.known(name) else {}
         # A loaded version stays a candidate while its directory exists, even if files in it
         # change: versions are immutable once loaded (logs or caches written beside the model
         # must not unload it).
-        candidates = set(complete) | {v for v, s in loaded.items() if s.state == READY and (name, v) in self._seen}
+        candidates = set(complete) | {v for v, s in loaded.items() if s.state == State.READY and (name, v) in self._seen}
         if config:
             moved = self._moved.get(name)
             labels = {k: (moved[1] if moved and v == moved[0] else v) for k, v in config.labels.items()}
             config = replace(config, labels=labels)
-        wanted = config.wanted(sorted(candidates)) if config else {v for v, s in loaded.items() if s.state == READY}
+        wanted = config.wanted(sorted(candidates)) if config else {v for v, s in loaded.items() if s.state == State.READY}
         if config:
-            self.registry.set_labels(name, config.labels)
+            self.routing.set_labels(name, config.labels)
 
-        rollout = self.registry.rollouts.get(name)
+        rollout = self.routing.rollouts.get(name)
         serving = self._serving(name, loaded)
         # Load first (newest first), publish each when warm; retire only afterwards.
-        for version in sorted(wanted - {v for v, s in loaded.items() if s.state in (READY, LOADING)}, reverse=True):
+        for version in sorted(wanted - {v for v, s in loaded.items() if s.state in (State.READY, State.LOADING)}, reverse=True):
             judge = None
             if config and config.rollout and serving is not None and version > serving:
                 if rollout is not None and rollout.active:
                     rollout.roll_back(f"superseded by version {version}")
                 judge = self._rollout_starter(name, config, serving)
             await self._try_load(name, version, complete[version], before_publish=judge)
-            rollout = self.registry.rollouts.get(name)
+            rollout = self.routing.rollouts.get(name)
         if rollout is not None and rollout.active and rollout.candidate.version not in wanted:
             rollout.roll_back(f"version {rollout.candidate.version} is no longer wanted (its directory was removed, "
                               f"or the version policy changed)")
-        loaded = self.registry.versions(name)
+        loaded = self.routing.versions(name)
         # Availability first: until every wanted version is READY, the newest READY version that
         # is no longer wanted keeps serving.
-        wanted_ready = all(v in loaded and loaded[v].state == READY for v in wanted)
-        unwanted_ready = sorted(v for v, s in loaded.items() if v not in wanted and s.state == READY)
+        wanted_ready = all(v in loaded and loaded[v].state == State.READY for v in wanted)
+        unwanted_ready = sorted(v for v, s in loaded.items() if v not in wanted and s.state == State.READY)
         keep = set() if wanted_ready or not unwanted_ready else {unwanted_ready[-1]}
         if rollout is not None and rollout.active:  # the version it is judged against serves on
             keep.add(rollout.serving.version)
         for version, state in loaded.items():
-            if state.state in (FAILED, ROLLED_BACK):
+            if state.state in (State.FAILED, State.ROLLED_BACK):
                 if (name, version) not in self._seen:
-                    await self.registry.retire(name, version)  # its directory is gone: forget the failure
+                    await self.routing.retire(name, version)  # its directory is gone: forget the failure
             elif version not in wanted and version not in keep:
-                await self.registry.retire(name, version)
+                await self.routing.retire(name, version)
 
     def _serving(self, name: str, loaded: dict) -> int | None:
         """The version that answers requests naming no version now (before this sync's loads)."""
-        rollout = self.registry.rollouts.get(name)
+        rollout = self.routing.rollouts.get(name)
         if rollout is not None and rollout.active:
             return rollout.serving.version
-        ready = [v for v, s in loaded.items() if s.state == READY]
+        ready = [v for v, s in loaded.items() if s.state == State.READY]
         return max(ready) if ready else None
 
     def _rollout_starter(self, name: str, config, serving_version: int):
         def start(candidate: ModelService) -> None:
-            serving = self.registry.versions(name)[serving_version].service
+            serving = self.routing.versions(name)[serving_version].service
             rollout = Rollout(name, config.rollout, serving, candidate, on_end=self._rollout_ended,
                               observer=self._observer)
-            self.registry.rollouts[name] = rollout
+            self.routing.rollouts[name] = rollout
             rollout.start()
         return start
 
@@ -305,7 +308,7 @@ class Reloader:
         if rollout.stage == PROMOTED:
             self._moved[name] = (rollout.serving.version, version)
         else:
-            service = self.registry.roll_back(name, version, f"rolled back: {rollout.reason}")
+            service = self.routing.roll_back(name, version, f"rolled back: {rollout.reason}")
             # Judged with the files as they are now: only a change from here brings it back.
             self._rolled_back[(name, version)] = repository.signature(self.root / name / str(version))
             if service is not None:
@@ -330,7 +333,7 @@ class Reloader:
         for version_dir in present:
             key = (name, int(version_dir.name))
             if repository.escapes(self.root, version_dir):
-                self.registry.set_state(name, key[1], FAILED, "version directory points outside the repository")
+                self.routing.set_state(name, key[1], State.FAILED, "version directory points outside the repository")
                 continue
             if not (version_dir / CONFIG_FILE).is_file():
                 self._seen.pop(key, None)
@@ -365,12 +368,12 @@ class Reloader:
             self._wake_at(seen.since + self.settle_s)
             return
         self._unsettled.discard(key)
-        loaded = self.registry.versions(name) if self.registry.known(name) else {}
+        loaded = self.routing.versions(name) if self.routing.known(name) else {}
         current = loaded.get(PIPELINE_VERSION)
-        if current is not None and current.state == READY and self._built.get(name) == sig:
+        if current is not None and current.state == State.READY and self._built.get(name) == sig:
             return
         for version in [v for v in loaded if v != PIPELINE_VERSION]:  # it was a model before
-            await self.registry.retire(name, version)
+            await self.routing.retire(name, version)
 
         async def build():
             config = read_pipeline(path)
@@ -379,7 +382,7 @@ class Reloader:
             return self._load_pipeline(name, config)
 
         await self._try_load(name, PIPELINE_VERSION, build, retry_max_s=_PIPELINE_RETRY_MAX_S)
-        if self.registry.versions(name)[PIPELINE_VERSION].state == READY:
+        if self.routing.versions(name)[PIPELINE_VERSION].state == State.READY:
             self._built[name] = sig
 
     def _check_steps_settled(self, config: PipelineConfig) -> None:
@@ -388,8 +391,8 @@ class Reloader:
         for step in config.steps:
             if step.model in self._waiting:
                 raise Unavailable(f"step {step.ref!r} is a pipeline still waiting for its own steps")
-            serving = self.registry.known(step.model) and any(
-                v.state == READY for v in self.registry.versions(step.model).values())
+            serving = self.routing.known(step.model) and any(
+                v.state == State.READY for v in self.routing.versions(step.model).values())
             if not serving and any(key[0] == step.model for key in self._unsettled):
                 raise Unavailable(f"step {step.ref!r}: its files are still being written")
 
@@ -407,7 +410,7 @@ class Reloader:
         if failure and failure.signature == sig and now < failure.retry_at:
             self._wake_at(failure.retry_at)
             return
-        self.registry.set_state(name, version, LOADING)
+        self.routing.set_state(name, version, State.LOADING)
         try:
             service = await (path() if callable(path) else self._load(name, path))
         except Unavailable as exc:
@@ -416,7 +419,7 @@ class Reloader:
             # A pipeline whose step is still loading waits for it: not FAILED with a reason that
             # will be stale in a moment. The index shows it LOADING, and why.
             self._waiting.add(name)
-            self.registry.set_state(name, version, LOADING, f"waiting: {exc.message}")
+            self.routing.set_state(name, version, State.LOADING, f"waiting: {exc.message}")
             self._wake_at(now + _PIPELINE_WAIT_S)
             return
         except Exception as exc:
@@ -426,7 +429,7 @@ class Reloader:
             self._failures[key] = _Failure(sig, attempts, now + delay, reason)
             self._waiting.discard(name)
             self._wake_at(now + delay)
-            self.registry.set_state(name, version, FAILED, reason)
+            self.routing.set_state(name, version, State.FAILED, reason)
             # Said once per reason: a pipeline waiting for a step retries every few seconds.
             level = logging.DEBUG if failure and failure.reason == reason else logging.ERROR
             logger.log(level, "model %s version %s FAILED (attempt %d, next in %.0f s): %s", name, version,
@@ -436,7 +439,7 @@ class Reloader:
         self._waiting.discard(name)
         if before_publish is not None:  # no await from here to READY: no request sees it unjudged
             before_publish(service)
-        self.registry.set_state(name, version, READY, service=service)
+        self.routing.set_state(name, version, State.READY, service=service)
         logger.info("model %s version %s READY", name, version)
 
     def _wake_at(self, when: float) -> None:

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from pathlib import Path
 
+from modelport.errors import NotFound
+from modelport.home import model_home
 from modelport.repository.bundle import CONFIG_FILE
+from modelport.repository.layout import latest_version
 
 logger = logging.getLogger("modelport.default_model")
 
 NAME = "efficientnet-lite0"
 VERSION = 1
-
-
-def model_home() -> Path:
-    return Path(os.environ.get("MODELPORT_HOME") or Path.home() / ".cache" / "modelport")
 
 
 def default_model_dir(home: Path | None = None) -> Path:
@@ -51,3 +49,27 @@ def _build(target: Path, checks: bool = True) -> None:
 
     logger.info("building %s into %s (first use only)", NAME, target)
     build(NAME, target, runtime="onnx", checks=checks)
+
+
+def resolve(ref: str | None) -> Path:
+    """A model reference -> the version directory to load.
+
+    - None or ``efficientnet-lite0``: the default model (built on first use);
+    - a bundle directory (holds ``modelport.toml``);
+    - a model directory (``<name>/<version>/...``): its highest version;
+    - a name under ``$MODELPORT_HOME/models``: its highest version.
+    """
+    if ref is None or (ref == NAME and not Path(ref).exists()):
+        return ensure_default_model()
+    path = Path(ref)
+    if not path.exists():
+        named = model_home() / "models" / ref
+        if not named.is_dir():
+            raise NotFound(f"no model {ref!r}: not a directory, and not a model in {named.parent}")
+        path = named
+    if (path / CONFIG_FILE).is_file():
+        return path
+    version = latest_version(path)
+    if version is None:
+        raise NotFound(f"{path}: no bundle here (no {CONFIG_FILE}, and no numbered version directories)")
+    return version

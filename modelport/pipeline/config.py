@@ -22,7 +22,7 @@ from typing import Callable
 
 from modelport import untrusted
 from modelport.errors import BundleError, ModelportError
-from modelport.lifecycle.routing import check_name
+from modelport.repository.layout import check_name
 
 PIPELINE_FILE = "pipeline.toml"
 KINDS = ("cascade", "chain", "ensemble")

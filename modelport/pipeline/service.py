@@ -1,6 +1,6 @@
 """A pipeline served like a model: the same surface as ``ModelService``, its steps run by their own services.
 
-Every step is looked up in the registry on each request and runs through that model's own
+Every step is looked up in the routing table on each request and runs through that model's own
 batcher, queue and admission limits, so pipeline traffic and direct traffic batch together, and
 a step's new version is picked up like any client would pick it up. The request's deadline holds
 across steps. An encoded image is decoded once per request, when the first step that needs it
@@ -24,7 +24,7 @@ from modelport.engine import imaging
 from modelport.repository.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
 from modelport.engine.predictions import Prediction, confidence, top_k
-from modelport.lifecycle.routing import Registry
+from modelport.lifecycle.routing import RoutingTable
 from modelport.runtime import TensorSpec
 from modelport.engine.service import Stats, Timing, _check_deadline, check_rows
 from modelport.pipeline.config import PipelineConfig
@@ -89,7 +89,7 @@ class _Front:
 
 
 class PipelineService:
-    def __init__(self, name: str, config: PipelineConfig, registry: Registry, *, decode_pool: ThreadPoolExecutor,
+    def __init__(self, name: str, config: PipelineConfig, routing: RoutingTable, *, decode_pool: ThreadPoolExecutor,
                  max_pixels: int, max_images: int, observer=None, version: int = 1) -> None:
         self.name = name
         self.version = version
@@ -99,7 +99,7 @@ class PipelineService:
         self.max_images = max_images
         self.stats = Stats()
         self.batcher = _Front(self)
-        self._registry = registry
+        self._routing = routing
         self._decode_pool = decode_pool
         self._observer = observer
         self._checked: tuple = ()
@@ -124,14 +124,14 @@ class PipelineService:
         pass
 
     async def close(self) -> None:
-        pass  # a pipeline owns no model: its steps are the registry's
+        pass  # a pipeline owns no model: its steps are the routing table's
 
     def steps(self) -> list:
         """The services of the steps now, checked against each other whenever one changed."""
         services = []
         for step in self.config.steps:
             try:
-                services.append(self._registry.get(step.model, step.version))
+                services.append(self._routing.get(step.model, step.version))
             except (NotFound, Unavailable) as exc:
                 raise type(exc)(f"pipeline {self.name!r}: step {step.ref!r}: {exc.message}") from None
         key = tuple(id(s) for s in services)

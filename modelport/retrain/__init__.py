@@ -22,13 +22,14 @@ from typing import Callable
 
 import numpy as np
 
+from modelport.home import model_home
 from modelport.packaged import default_model
 
 from modelport.repository import layout as repository
 from modelport.repository.bundle import write_config
 from modelport.errors import BadInput, MissingExtra
 from modelport.engine.model import Model
-from modelport.lifecycle.routing import check_name
+from modelport.repository.layout import check_name
 from modelport.retrain import dataset as dataset_module
 from modelport.retrain.features import Extraction, FeatureCache, backbone_id, extract
 from modelport.retrain.head import Head
@@ -64,8 +65,8 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
     check_name(name)  # the same rule the repository and the server apply
     data, output = Path(data), Path(output)
     split = dataset_module.scan(data, val_fraction=val_fraction, seed=seed, min_per_class=min_per_class)
-    model = Model.load(repository.resolve(backbone), precision="fp32")  # features as the exported graph computes them
-    cache = FeatureCache(Path(cache_dir or default_model.model_home() / "features") / backbone_id(model))
+    model = Model.load(default_model.resolve(backbone), precision="fp32")  # features as the exported graph computes them
+    cache = FeatureCache(Path(cache_dir or model_home() / "features") / backbone_id(model))
 
     examples = split.train + split.val
     done = 0

@@ -54,7 +54,7 @@ def core():
 def _cache_dir() -> Path | None:
     """$MODELPORT_HOME/cache/openvino, trimmed to CACHE_MAX_BYTES; None where it cannot be written
     (a read-only image): then every load compiles."""
-    from modelport.packaged.default_model import model_home
+    from modelport.home import model_home
 
     directory = model_home() / "cache" / "openvino"
     try:

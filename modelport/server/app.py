@@ -31,7 +31,8 @@ from modelport.server.metrics import CONTENT_TYPE, Metrics
 from modelport.server.observe import Observe
 from modelport.pipeline.config import PipelineConfig
 from modelport.pipeline.service import PipelineService
-from modelport.lifecycle.routing import READY, Registry
+from modelport.lifecycle.routing import RoutingTable
+from modelport.lifecycle.states import State
 from modelport.lifecycle.watcher import Reloader
 from modelport.engine.service import ModelService
 
@@ -73,7 +74,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     run at start-up off the event loop so that building the default model does not delay the
     health endpoints), or a ``repository`` directory kept in step by the hot reloader."""
     metrics = Metrics()
-    registry = Registry(observer=metrics)
+    routing = RoutingTable(observer=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -86,25 +87,25 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             return await _load_service(name, path, config, decode_pool, infer_pool, metrics, cores)
 
         def load_pipeline(name: str, pipeline: PipelineConfig) -> PipelineService:
-            return PipelineService(name, pipeline, registry, decode_pool=decode_pool, max_pixels=config.max_pixels,
+            return PipelineService(name, pipeline, routing, decode_pool=decode_pool, max_pixels=config.max_pixels,
                                    max_images=config.max_images_per_request, observer=metrics)
 
         if repository is not None:
-            app.state.reloader = Reloader(repository, registry, load, load_pipeline=load_pipeline,
+            app.state.reloader = Reloader(repository, routing, load, load_pipeline=load_pipeline,
                                           settle_s=config.settle_s, poll_s=config.poll_s, watch=watch,
                                           observer=metrics)
             loading = asyncio.get_running_loop().create_task(_run_reloader(app, app.state.reloader))
         else:
             app.state.reloader = None
-            loading = asyncio.get_running_loop().create_task(_load_static(app, bundles, registry, load))
+            loading = asyncio.get_running_loop().create_task(_load_static(app, bundles, routing, load))
         trimming = asyncio.get_running_loop().create_task(trim_when_idle(
-            lambda: not any(s.batcher.busy or s.batcher.queued for s in registry.services())))
+            lambda: not any(s.batcher.busy or s.batcher.queued for s in routing.services())))
         rpc = None
         if config.zmq_port is not None:
             from modelport.server.rpc import RpcServer
 
             port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
-            rpc = RpcServer(lambda: registry, address=f"tcp://{config.host}:{port}",
+            rpc = RpcServer(lambda: routing, address=f"tcp://{config.host}:{port}",
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
@@ -112,7 +113,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         if config.cluster is not None:
             from modelport.server.cluster import membership
 
-            app.state.membership = membership(config, registry, metrics, rpc)
+            app.state.membership = membership(config, routing, metrics, rpc)
             app.state.on_ready.append(app.state.membership.start)
         try:
             yield
@@ -131,8 +132,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            for service in registry.services():
-                await registry.retire(service.name, service.version)
+            for service in routing.services():
+                await routing.retire(service.name, service.version)
             decode_pool.shutdown(wait=True)
             infer_pool.shutdown(wait=True)
 
@@ -153,7 +154,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     app.router.redirect_slashes = False
     app.state.config = config
     app.state.metrics = metrics
-    app.state.models = registry
+    app.state.models = routing
     app.state.ready = False
     app.state.on_ready = []  # called once every model is loaded and warm
     return app
@@ -187,20 +188,20 @@ async def _load_service(name: str, path: Path, config: ServerConfig, decode_pool
     return service
 
 
-async def _load_static(app: Starlette, bundles, registry: Registry, load) -> None:
+async def _load_static(app: Starlette, bundles, routing: RoutingTable, load) -> None:
     loop = asyncio.get_running_loop()
     try:
         found = bundles if isinstance(bundles, dict) else await loop.run_in_executor(None, bundles)
         for name, path in found.items():
             service = await load(name, path)
-            registry.set_state(service.name, service.version, READY, service=service)
+            routing.set_state(service.name, service.version, State.READY, service=service)
             logger.info("loaded %s version %s from %s", service.name, service.version, path)
     except Exception as exc:
         _start_failed(app, exc)
         return
-    registry.ready = True
+    routing.ready = True
     _now_ready(app)
-    logger.info("ready: %d model(s)", len(registry))
+    logger.info("ready: %d model(s)", len(routing))
 
 
 async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
@@ -210,7 +211,7 @@ async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
         _start_failed(app, exc)
         return
     _now_ready(app)
-    logger.info("ready: %d model version(s) from %s", len(reloader.registry), reloader.root)
+    logger.info("ready: %d model version(s) from %s", len(reloader.routing), reloader.root)
     await reloader.follow()
 
 

@@ -1,4 +1,4 @@
-"""What this server tells the cluster about itself: its registry entry, built from live state."""
+"""What this server tells the cluster about itself: its entry in the member directory, built from live state."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import time
 
 from modelport.cluster.members import ClusterURL, Member
 from modelport.cluster.membership import Membership
-from modelport.lifecycle.routing import READY, Registry
+from modelport.lifecycle.routing import RoutingTable
+from modelport.lifecycle.states import State
 from modelport.server.config import ServerConfig
 from modelport.server.metrics import Metrics
 
 
-def membership(config: ServerConfig, registry: Registry, metrics: Metrics, rpc) -> Membership:
+def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rpc) -> Membership:
     cluster = ClusterURL.parse(config.cluster)
     host = advertised_host(config)
     http = f"http://{_bracket(host)}:{config.port}"
@@ -22,18 +23,18 @@ def membership(config: ServerConfig, registry: Registry, metrics: Metrics, rpc) 
 
     def describe() -> Member:
         models: dict[str, dict] = {}
-        for entry in registry.index():
-            if entry["state"] == READY:
+        for entry in routing.index():
+            if entry["state"] == State.READY:
                 models.setdefault(entry["name"], {"versions": [], "labels": {}})["versions"].append(entry["version"])
         for name, model in models.items():
-            model["labels"] = {label: str(v) for label, v in registry.labels(name).items()
+            model["labels"] = {label: str(v) for label, v in routing.labels(name).items()
                                if str(v) in model["versions"]}
-            rollout = registry.rollouts.get(name)
-            if rollout is not None:  # each worker judges its own rollout: the registry shows each one's
+            rollout = routing.rollouts.get(name)
+            if rollout is not None:  # each worker judges its own rollout: the directory shows each one's
                 model["rollout"] = {"candidate": str(rollout.candidate.version),
                                     "serving": str(rollout.serving.version), "stage": rollout.stage}
         load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
-                "queued": sum(s.batcher.queued for s in registry.services())}
+                "queued": sum(s.batcher.queued for s in routing.services())}
         return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),
                       host=socket.gethostname())
 

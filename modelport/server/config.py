@@ -48,6 +48,6 @@ class ServerConfig:
     worker_id: str = ""  # names this server in every response and in the cluster; set at start
     cluster: str | None = None  # etcd://HOST:PORT/NAME: register there once ready; None = standalone
     advertise: str | None = None  # the host others reach this server at (default: the bound host)
-    lease_ttl_s: int = 3  # registry key lifetime without refresh (a dead worker's key goes after this)
+    lease_ttl_s: int = 3  # member key lifetime in etcd without refresh (a dead worker's key goes after this)
     drain_s: float = 3.0  # SIGTERM in a cluster: serve on this long after announcing "draining"
     log_level: str = "info"

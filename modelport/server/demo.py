@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 import modelport
-from modelport.lifecycle.routing import READY
+from modelport.lifecycle.states import State
 from modelport.server.http import json_response
 
 
@@ -25,17 +25,17 @@ async def home(request: Request) -> Response:
 
 
 def describe(request: Request) -> dict:
-    registry = request.app.state.models
+    routing = request.app.state.models
     models: dict[str, dict] = {}
-    for entry in registry.index():
-        if entry["state"] != READY:
+    for entry in routing.index():
+        if entry["state"] != State.READY:
             continue
-        service = registry.get(entry["name"], entry["version"], routed=False)
+        service = routing.get(entry["name"], entry["version"], routed=False)
         model = models.setdefault(entry["name"], {"name": entry["name"], "kind": _kind(service), "versions": [],
                                                   "labels": {}})
         model["versions"].append(entry["version"])
     for name, model in models.items():
-        model["labels"] = {label: str(v) for label, v in registry.labels(name).items() if str(v) in model["versions"]}
+        model["labels"] = {label: str(v) for label, v in routing.labels(name).items() if str(v) in model["versions"]}
     return {
         "name": "modelport", "version": modelport.__version__, "worker": request.app.state.config.worker_id,
         "ready": request.app.state.ready, "models": list(models.values()),

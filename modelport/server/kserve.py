@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 import modelport
 from modelport import untrusted
+from modelport.lifecycle.states import State
 from modelport.errors import BadInput, Forbidden, Unauthorized
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, unless_disconnected
@@ -46,11 +47,11 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     if request.app.state.ready:
         return Response(status_code=200)
-    registry = request.app.state.models
-    if registry.ready:  # was ready: it is shutting down
+    routing = request.app.state.models
+    if routing.ready:  # was ready: it is shutting down
         return json_response({"error": "not ready: the server is shutting down"}, 503)
     # Not yet: which versions are still loading, and which pipelines wait for a step, and why.
-    loading = [e for e in registry.index() if e["state"] == "LOADING"]
+    loading = [e for e in routing.index() if e["state"] == State.LOADING]
     return json_response({"error": "not ready: models are still loading", "loading": loading}, 503)
 
 
@@ -67,7 +68,7 @@ async def model_metadata(request: Request) -> Response:
                "parameters": {"content": f"encoded image (JPEG, PNG, ...); an alternative to {model.input.name!r}"}}]
     return json_response({
         "name": service.name,
-        "versions": [str(v) for v, s in request.app.state.models.versions(service.name).items() if s.state == "READY"],
+        "versions": [str(v) for v, s in request.app.state.models.versions(service.name).items() if s.state == State.READY],
         "platform": model.platform,
         "inputs": inputs,
         "outputs": [_tensor_meta(o) for o in model.runtime.outputs],
@@ -335,7 +336,7 @@ async def repository_index(request: Request) -> Response:
     ready_only = untrusted.flag(options.get("ready"), "ready")
     entries = request.app.state.models.index()
     if ready_only:
-        entries = [e for e in entries if e["state"] == "READY"]
+        entries = [e for e in entries if e["state"] == State.READY]
     return json_response(entries)
 
 

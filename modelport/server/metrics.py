@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from modelport.lifecycle.states import State
 from modelport.engine.batching import BatchInfo
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10)
@@ -105,7 +106,7 @@ class Metrics:
                 pass
         if new is not None:
             self.model_state.labels(model, str(version), new).set(1)
-        if new in (None, "ROLLED_BACK"):  # unloaded: drop its series, and the gauge callbacks that would keep it alive
+        if new in (None, State.ROLLED_BACK):  # unloaded: drop its series, and the gauge callbacks that would keep it alive
             for gauge in (self.queue_depth, self.batch_size_limit, self.predicted_queue):
                 try:
                     gauge.remove(model, str(version))

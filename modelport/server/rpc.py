@@ -19,7 +19,7 @@ from modelport import untrusted
 
 from modelport.protocol import wire
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
-from modelport.lifecycle.routing import Registry
+from modelport.lifecycle.routing import RoutingTable
 from modelport.engine.service import ModelService, Timing
 
 logger = logging.getLogger("modelport.rpc")
@@ -28,7 +28,7 @@ _OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of th
 
 
 class RpcServer:
-    def __init__(self, models: Callable[[], Registry], *, address: str, max_body_bytes: int, timeout_ms: float,
+    def __init__(self, models: Callable[[], RoutingTable], *, address: str, max_body_bytes: int, timeout_ms: float,
                  metrics=None) -> None:
         self._models = models
         self._timeout_ms = timeout_ms

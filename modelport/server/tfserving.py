@@ -18,28 +18,29 @@ from starlette.routing import Route
 
 from modelport import untrusted
 from modelport.errors import BadInput
+from modelport.lifecycle.states import State
 from modelport.runtime import V2_TO_NUMPY
 from modelport.server.http import begin, deadline, json_response, unless_disconnected
 from modelport.engine.service import ModelService
 
 
-_TF_STATES = {"LOADING": "LOADING", "READY": "AVAILABLE", "UNLOADING": "UNLOADING", "FAILED": "END",
-              "ROLLED_BACK": "END"}
+_TF_STATES = {State.LOADING: "LOADING", State.READY: "AVAILABLE", State.UNLOADING: "UNLOADING", State.FAILED: "END",
+              State.ROLLED_BACK: "END"}
 
 
 async def status(request: Request) -> Response:
     """Every version of the model (TF Serving lists them all), or the one named."""
     params = request.path_params
-    registry = request.app.state.models
+    routing = request.app.state.models
     if "version" in params or "label" in params:
         service = _service(request)
-        versions = {service.version: registry.versions(service.name)[service.version]}
+        versions = {service.version: routing.versions(service.name)[service.version]}
     else:
-        versions = registry.versions(params["model"])
+        versions = routing.versions(params["model"])
     return json_response({"model_version_status": [{
         "version": str(v),
         "state": _TF_STATES.get(s.state, s.state),
-        "status": {"error_code": "UNKNOWN" if s.state in ("FAILED", "ROLLED_BACK") else "OK", "error_message": s.reason},
+        "status": {"error_code": "UNKNOWN" if s.state in (State.FAILED, State.ROLLED_BACK) else "OK", "error_message": s.reason},
     } for v, s in sorted(versions.items())]})
 
 
