@@ -66,9 +66,11 @@ def positive_number(value: Any, field: str) -> float:
             value = float(value)
         except ValueError:
             raise BadInput(f"{field} must be a number, got {show(value)}") from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = float(value) if value < 2 ** 1023 else math.inf  # past float's range: refused below
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
         raise BadInput(f"{field} must be a finite number above 0, got {show(value)}")
-    return float(value)
+    return value
 
 
 def version(value: Any, field: str = "version") -> int | str | None:

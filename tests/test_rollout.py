@@ -303,13 +303,13 @@ def test_the_canary_share_holds_request_by_request(share):
     import random
     import types
 
-    from modelport.lifecycle.rollout import CANARY, Rollout
+    from modelport.lifecycle.rollout import Rollout, Stage
     from modelport.repository.model_config import RolloutPolicy
 
     serving, candidate = types.SimpleNamespace(version=1), types.SimpleNamespace(version=2)
     rollout = Rollout("m", RolloutPolicy(shadow_requests=0, canary_share=share, canary_requests=10 ** 6),
                       serving, candidate, on_end=lambda r: None, rng=random.Random(7).random)
-    rollout._enter(CANARY)
+    rollout._enter(Stage.CANARY)
     taken, gaps, last = 0, set(), 0
     for n in range(1, 20001):
         if rollout.pick() is candidate:

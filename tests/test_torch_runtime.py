@@ -103,7 +103,7 @@ def test_a_torch_bundle_is_served_like_any_model(tmp_path):
 
 def test_an_onnx_only_process_never_imports_torch(tmp_path):
     bundle = make_tiny_bundle(tmp_path / "tiny" / "1")
-    code = ("import sys, numpy as np; from modelport.model import Model; "
+    code = ("import sys, numpy as np; from modelport.engine.model import Model; "
             f"m = Model.load({str(bundle)!r}); m.run({{'image': np.zeros((1, 3, 8, 8), np.float32)}}); "
             "import modelport.server.app, modelport.cli; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

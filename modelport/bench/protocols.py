@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from modelport.client import _classification_output, _classification_predictions, _v2_outputs, _v2_request
+from modelport.errors import BadInput
+from modelport.protocol import v2
 
 PROTOCOLS = ("upload", "v2", "tfserving", "zmq", "discovery")
 
@@ -64,7 +65,7 @@ class HttpTarget:
                     f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
             return f"/?model={self.model}&k=1", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         if self.protocol == "v2":
-            body, headers = _v2_request([image], _classification_output(self._primary, 1))
+            body, headers = v2.encode_request([image], v2.classification_output(self._primary, 1))
             return f"/v2/models/{self.model}/infer", body, headers
         body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode()
         return f"/v1/models/{self.model}:predict", body, {"Content-Type": "application/json"}
@@ -85,11 +86,11 @@ class HttpTarget:
             if self.protocol == "upload":
                 return Answer(None, json.loads(content)[0][0])
             if self.protocol == "v2":
-                (row,) = _classification_predictions(next(iter(_v2_outputs(content, headers).values())))
+                (row,) = v2.parse_classification(next(iter(v2.decode_response(content, headers).values())))
                 return Answer(row[0].index, row[0].label)
             scores = json.loads(content)["predictions"][0]
             return Answer(max(range(len(scores)), key=scores.__getitem__), None)
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, BadInput):  # BadInput: the V2 codec's checks
             raise Failure("unparseable answer") from None
 
     async def close(self) -> None:

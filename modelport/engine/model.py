@@ -95,6 +95,16 @@ class Model:
     def takes_images(self) -> bool:
         return self.spec.kind == "image"
 
+    def describe(self) -> dict:
+        """Where and how it runs, for the metadata endpoints."""
+        return {"device": getattr(self.runtime, "device", "cpu"), "engine": self.engine, "precision": self.precision,
+                "precision_reason": self.precision_reason,
+                **({"metadata": self.bundle.metadata} if self.bundle.metadata else {})}
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.runtime.outputs
+
     @property
     def platform(self) -> str:
         return self.runtime.platform

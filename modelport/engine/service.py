@@ -9,58 +9,20 @@ import asyncio
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from modelport.engine.batching import Batcher, BatchInfo, Cores
 from modelport.repository.bundle import Serving
-from modelport.errors import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, Unavailable
+from modelport.errors import BadInput, DeadlineExceeded, Overloaded, Unavailable
 from modelport.engine.imaging import DEFAULT_MAX_PIXELS, to_model_input
 from modelport.engine.model import Model
 from modelport.engine.predictions import Prediction
 from modelport.runtime import V2_TO_NUMPY
+from modelport.engine.servable import Stats, Timing, check_deadline, check_rows
 from modelport.engine.slo import Planner
-
-
-@dataclass
-class Timing:
-    """Where one request's time went; becomes its Server-Timing header."""
-
-    arrived: float = field(default_factory=time.monotonic)
-    decode_s: float = 0.0
-    queue_s: float = 0.0
-    infer_s: float = 0.0
-    enqueued: float = 0.0
-    # A pipeline's request: each step's own timing, and the step that answered each row (cascade).
-    # Empty tuples by default: a model's request allocates nothing for them.
-    steps: Sequence[tuple[str, "Timing"]] = ()
-    answered_by: Sequence[str] = ()
-
-    def server_timing(self) -> str:
-        if not self.steps:
-            return (f"decode;dur={self.decode_s * 1000:.3f}, queue;dur={self.queue_s * 1000:.3f}, "
-                    f"infer;dur={self.infer_s * 1000:.3f}")
-        entries = [f"decode;dur={self.decode_s * 1000:.3f}"]
-        for name, step in self.steps:
-            entries.append(f"{name}.queue;dur={step.queue_s * 1000:.3f}, {name}.infer;dur={step.infer_s * 1000:.3f}")
-        return ", ".join(entries)
-
-
-@dataclass
-class Stats:
-    """Counters for the V2 statistics extension (nanoseconds, as Triton reports them)."""
-
-    inference_count: int = 0
-    execution_count: int = 0
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_ns: int = 0
-    compute_infer_ns: int = 0
-    last_inference_ms: int = 0
 
 
 # Batches whose recent average run time is below this run on the event loop, not a thread.
@@ -122,6 +84,17 @@ class ModelService:
     def start(self) -> None:
         self.batcher.start()
 
+    @property
+    def busy(self) -> bool:
+        return self.batcher.busy
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.queued
+
+    def admit(self) -> None:
+        self.batcher.check()
+
     async def close(self) -> None:
         await self.batcher.close()
         if self._own_pool:
@@ -144,7 +117,7 @@ class ModelService:
         if not images:
             raise BadInput("no image given", input_name=input_name)
         self.check_rows(len(images), input_name)
-        _check_deadline(deadline)
+        check_deadline(deadline)
         with self.batcher.admit(rows=len(images), arrived=timing.arrived, deadline=deadline):
             start = time.monotonic()
             crops = await asyncio.get_running_loop().run_in_executor(
@@ -160,7 +133,7 @@ class ModelService:
     async def infer_crops(self, crops: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         """Images already decoded for this model's input (a pipeline decodes each image once and
         crops it per input size)."""
-        _check_deadline(deadline)
+        check_deadline(deadline)
         with self.batcher.admit(rows=len(crops), arrived=timing.arrived, deadline=deadline, preparing=False):
             pass
         outputs = await self._submit(crops, True, deadline, timing)
@@ -171,7 +144,7 @@ class ModelService:
     async def infer_tensor(self, array: np.ndarray, *, deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         """The graph's own input, already shaped (N, ...) and typed; checked here, not by the runtime."""
         self.check_tensor(array)
-        _check_deadline(deadline)
+        check_deadline(deadline)
         with self.batcher.admit(rows=len(array), arrived=timing.arrived, deadline=deadline, preparing=False):
             pass  # nothing to prepare: this only refuses at once (queue full, SLO or deadline out of reach)
         outputs = await self._submit(array, False, deadline, timing)
@@ -324,17 +297,5 @@ class ModelService:
             self._observer.observe_batch(self.name, info)
 
 
-def check_rows(rows: int, max_images: int, input_name: str | None = None) -> None:
-    """The per-request image limit (an image is one row of the batch dimension)."""
-    if rows > max_images:
-        raise PayloadTooLarge(f"{rows} images in one request is over the limit of {max_images}; "
-                              f"send them in several requests", input_name=input_name)
-
-
 def decode_all(model: Model, images: Sequence[bytes], max_pixels: int, input_name: str | None) -> np.ndarray:
     return np.stack([model.decode(data, max_pixels=max_pixels, input_name=input_name) for data in images])
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("deadline passed before compute; not computed")

@@ -16,7 +16,7 @@ as soon as it is warm. The new version (the *candidate*) is judged against the v
   **rolled back**: it stops taking traffic at once, is unloaded, and keeps its reason and figures.
 
 A rollout judges only what its own server sees: in a cluster each worker judges its own.
-No I/O here; the reloader acts on the outcome (``on_end``), the server's metrics observe it.
+No I/O here; the version manager acts on the outcome (``on_end``), the server's metrics observe it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import random
 import time
 from collections import deque
 from dataclasses import asdict
+from enum import StrEnum
 from typing import Callable
 
 import numpy as np
@@ -37,7 +38,16 @@ from modelport.repository.model_config import RolloutPolicy
 
 logger = logging.getLogger("modelport.rollout")
 
-SHADOW, CANARY, PROMOTED, ROLLED_BACK = "shadow", "canary", "promoted", "rolled_back"
+
+
+class Stage(StrEnum):
+    """Where a rollout stands; the last two are ends. (A rolled-back *version* is State.ROLLED_BACK.)"""
+
+    SHADOW = "shadow"
+    CANARY = "canary"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
 _LATENCIES = 2048  # per side, for the p99s
 # Copies (shadow, canary comparisons) may use this share of the server's *idle* time, measured by
 # their own decode and compute: "only when idle" is not enough on a few cores, where a copy that
@@ -74,9 +84,9 @@ class Rollout:
         self.stage = ""
         self._credit, self._threshold = 0.0, 1.0  # set again when the canary starts
         # answers compared (shadow: the candidate's copies; canary: the serving version's copies)
-        self.compared = {SHADOW: 0, CANARY: 0}
-        self.agreed = {SHADOW: 0, CANARY: 0}
-        self.copies_dropped = {SHADOW: 0, CANARY: 0}
+        self.compared = {Stage.SHADOW: 0, Stage.CANARY: 0}
+        self.agreed = {Stage.SHADOW: 0, Stage.CANARY: 0}
+        self.copies_dropped = {Stage.SHADOW: 0, Stage.CANARY: 0}
         self.shadow_errors = 0
         self._copy_busy = False
         self._budget_s = 0.0  # copy time available now (token bucket, refilled from idle time)
@@ -101,23 +111,23 @@ class Rollout:
         self.serving.probe = lambda ok, seconds: self._probe("serving", ok, seconds)
         self.candidate.probe = lambda ok, seconds: self._probe("candidate", ok, seconds)
         if self.policy.shadow_requests > 0:
-            self._enter(SHADOW)
+            self._enter(Stage.SHADOW)
         elif self.policy.canary_share > 0:
-            self._enter(CANARY)
+            self._enter(Stage.CANARY)
         else:
             self.promote("the policy has neither a shadow nor a canary stage")
 
     @property
     def active(self) -> bool:
-        return self.stage in (SHADOW, CANARY)
+        return self.stage in (Stage.SHADOW, Stage.CANARY)
 
     def promote(self, reason: str) -> None:
         if self.active or not self.stage:
-            self._end(PROMOTED, reason)
+            self._end(Stage.PROMOTED, reason)
 
     def roll_back(self, reason: str) -> None:
         if self.active:
-            self._end(ROLLED_BACK, reason)
+            self._end(Stage.ROLLED_BACK, reason)
 
     def _enter(self, stage: str) -> None:
         self.stage = stage
@@ -139,7 +149,7 @@ class Rollout:
         for task in self._tasks:
             task.cancel()
         self._enter(stage)
-        logger.log(logging.INFO if stage == PROMOTED else logging.WARNING, "model %s version %s %s: %s",
+        logger.log(logging.INFO if stage == Stage.PROMOTED else logging.WARNING, "model %s version %s %s: %s",
                    self.name, self.candidate.version, stage.replace("_", " "), reason)
         self._on_end(self)
 
@@ -154,7 +164,7 @@ class Rollout:
         (a coin per request strays by sqrt(n x share): 24 answers instead of 15 was seen in 150), and
         the random thresholds keep it off any period a client's own traffic might have.
         """
-        if self.stage != CANARY:
+        if self.stage != Stage.CANARY:
             return self.serving
         self._credit += self.policy.canary_share
         if self._credit < self._threshold:
@@ -170,17 +180,17 @@ class Rollout:
         if timing is not None:
             self._users_s += timing.decode_s / _CORES  # decoding used one core of the machine
         stage = self.stage
-        if stage == SHADOW and service is self.serving:
+        if stage == Stage.SHADOW and service is self.serving:
             source, target = self.serving, self.candidate
-        elif stage == CANARY and service is self.candidate:
+        elif stage == Stage.CANARY and service is self.candidate:
             source, target = self.candidate, self.serving
         else:
             return
         now = time.monotonic()
         self._budget_s = min(_COPY_BURST_S, self._budget_s + self._idle_since_last(now) * _COPY_SHARE)
         self._budget_at = now
-        spare = (not self._copy_busy and self._budget_s > 0 and not source.batcher.queued and not source.batcher.busy
-                 and not target.batcher.queued and not target.batcher.busy)
+        spare = (not self._copy_busy and self._budget_s > 0 and not source.queued and not source.busy
+                 and not target.queued and not target.busy)
         if not spare:  # only spare capacity, within the budget: copies never make users wait
             self.copies_dropped[stage] += 1
             return
@@ -190,7 +200,7 @@ class Rollout:
         task.add_done_callback(self._tasks.discard)
 
     async def _copy(self, stage, source, target, images, crops, tensor, outputs, timing) -> None:
-        from modelport.engine.service import Timing
+        from modelport.engine.servable import Timing
 
         mine = Timing()
         try:
@@ -222,14 +232,14 @@ class Rollout:
         theirs, ours = _top1(source, outputs), _top1(target, answer)
         self.compared[stage] += len(ours)
         self.agreed[stage] += sum(a == b for a, b in zip(theirs, ours))
-        if stage == SHADOW:
+        if stage == Stage.SHADOW:
             if timing is not None:
                 self._shadow_infer["serving"].append(timing.infer_s)
                 self._shadow_infer["candidate"].append(mine.infer_s)
-            self._count(SHADOW, len(ours))
+            self._count(Stage.SHADOW, len(ours))
             self._judge_shadow()
         else:
-            self._judge_agreement(CANARY, self.policy.canary_requests)
+            self._judge_agreement(Stage.CANARY, self.policy.canary_requests)
 
     def _idle_since_last(self, now: float) -> float:
         """Seconds of the whole machine nobody used since the last refill: wall time less both versions'
@@ -253,33 +263,33 @@ class Rollout:
         return False
 
     def _judge_shadow(self) -> None:
-        if self.stage != SHADOW:
+        if self.stage != Stage.SHADOW:
             return
         p = self.policy
         needed = p.shadow_requests
-        if self._judge_agreement(SHADOW, needed):
+        if self._judge_agreement(Stage.SHADOW, needed):
             return
-        tries = self.compared[SHADOW] + self.shadow_errors
+        tries = self.compared[Stage.SHADOW] + self.shadow_errors
         if self.shadow_errors > p.max_error_rate * needed:
             self.roll_back(f"{self.shadow_errors} of {tries} shadow requests failed: error rate above "
                            f"max_error_rate {p.max_error_rate}")
             return
-        if self.compared[SHADOW] < needed:
+        if self.compared[Stage.SHADOW] < needed:
             return
         ratio = _p99_ratio(self._shadow_infer) or 0.0
         if _too_slow(self._shadow_infer, p.max_p99_ratio):
             self.roll_back(f"{_name(self._shadow_infer)} compute time is {ratio:.2f} x version "
                            f"{self.serving.version}'s in shadow, above max_p99_ratio {p.max_p99_ratio}")
         elif p.canary_share > 0:
-            self._enter(CANARY)
+            self._enter(Stage.CANARY)
         else:
-            self.promote(f"shadow passed: agreement {self.agreement(SHADOW):.3f} over {self.compared[SHADOW]} answers")
+            self.promote(f"shadow passed: agreement {self.agreement(Stage.SHADOW):.3f} over {self.compared[Stage.SHADOW]} answers")
 
     # -- canary ----------------------------------------------------------------------------------
 
     def _probe(self, side: str, ok: bool | None, seconds: float) -> None:
         """Each request either version answered (ok), failed by its own fault (False), or refused (None)."""
-        if self.stage != CANARY or ok is None:
+        if self.stage != Stage.CANARY or ok is None:
             return
         if ok:
             self._latency[side].append(seconds)
@@ -297,10 +307,10 @@ class Rollout:
             if _too_slow(self._latency, p.max_p99_ratio):
                 self.roll_back(f"{_name(self._latency)} latency is {ratio:.2f} x version {self.serving.version}'s in "
                                f"canary, above max_p99_ratio {p.max_p99_ratio}")
-            elif not self._judge_agreement(CANARY, self.compared[CANARY]):
+            elif not self._judge_agreement(Stage.CANARY, self.compared[Stage.CANARY]):
                 self.promote(f"canary passed: {self.canary_errors} errors in {self.canary_answers} answers, p99 "
                              f"ratio {ratio:.2f}, agreement "
-                             f"{self.agreement(CANARY):.3f} over {self.compared[CANARY]} compared")
+                             f"{self.agreement(Stage.CANARY):.3f} over {self.compared[Stage.CANARY]} compared")
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -312,13 +322,13 @@ class Rollout:
             "model": self.name, "serving_version": str(self.serving.version),
             "candidate_version": str(self.candidate.version), "stage": self.stage, "reason": self.reason,
             "started": self.started_at, "ended": self.ended_at,
-            "shadow": {"compared": self.compared[SHADOW], "agreed": self.agreed[SHADOW],
-                       "agreement": round(self.agreement(SHADOW), 4), "errors": self.shadow_errors,
-                       "dropped": self.copies_dropped[SHADOW], "p99_compute_ratio": _round(_p99_ratio(self._shadow_infer)),
+            "shadow": {"compared": self.compared[Stage.SHADOW], "agreed": self.agreed[Stage.SHADOW],
+                       "agreement": round(self.agreement(Stage.SHADOW), 4), "errors": self.shadow_errors,
+                       "dropped": self.copies_dropped[Stage.SHADOW], "p99_compute_ratio": _round(_p99_ratio(self._shadow_infer)),
                        "compute_ms": _summary_ms(self._shadow_infer)},
             "canary": {"answers": self.canary_answers, "errors": self.canary_errors,
-                       "compared": self.compared[CANARY], "agreement": round(self.agreement(CANARY), 4),
-                       "dropped": self.copies_dropped[CANARY], "p99_latency_ratio": _round(_p99_ratio(self._latency)),
+                       "compared": self.compared[Stage.CANARY], "agreement": round(self.agreement(Stage.CANARY), 4),
+                       "dropped": self.copies_dropped[Stage.CANARY], "p99_latency_ratio": _round(_p99_ratio(self._latency)),
                        "latency_ms": _summary_ms(self._latency)},
             "policy": asdict(self.policy),
         }

@@ -1,7 +1,7 @@
 """The live routing table: which versions of which models take requests, and in what state.
 
-Front-ends ask ``get(name, version_or_label)`` for a ``ModelService``; the loader (static or the
-hot reloader) publishes and retires versions. Everything runs on the server's event loop, so a
+Front-ends ask ``get(name, version_or_label)`` for a ``Servable``; the loader (static or the
+version manager) publishes and retires versions. Everything runs on the server's event loop, so a
 switch is one assignment: a request sees either the old version or the new one, never neither.
 
 States follow Triton's repository index, plus FAILED: LOADING -> READY -> UNLOADING -> (gone);
@@ -20,7 +20,7 @@ from modelport.lifecycle.states import State
 from modelport.memory import release_memory
 from modelport.errors import NotFound, Unavailable
 from modelport.repository.layout import check_name
-from modelport.engine.service import ModelService
+from modelport.engine.servable import Servable
 
 if TYPE_CHECKING:
     from modelport.lifecycle.rollout import Rollout
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class VersionState:
     state: str
     reason: str = ""
-    service: ModelService | None = None
+    service: Servable | None = None
 
 
 @dataclass
@@ -49,15 +49,16 @@ class RoutingTable:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def get(self, name: str, version: str | int | None = None, *, routed: bool = True) -> ModelService:
+    def get(self, name: str, version: str | int | None = None, *, routed: bool = True) -> Servable:
         """The service for a request; ``routed=False`` for questions about the model (metadata,
         readiness, statistics): those get the serving version, never a canary's pick."""
         check_name(name)
         model = self._models.get(name)
-        if model is None:
+        if model is None or not model.versions:  # (labels alone enter a model whose files are settling)
             if not self.ready:
                 raise Unavailable("models are still loading", retry_after_s=1)
-            raise NotFound(f"unknown model {name!r}")
+            if model is None:
+                raise NotFound(f"unknown model {name!r}")
         version = untrusted.version(version)
         if version is None:
             rollout = self.rollouts.get(name)
@@ -76,7 +77,7 @@ class RoutingTable:
             return model.versions[max(ready)].service
         number = self._version_number(name, model, version)
         state = model.versions.get(number)
-        if state is None or state.state in (State.FAILED, State.UNAVAILABLE):
+        if state is None or state.state in (State.FAILED, State.UNAVAILABLE, State.ROLLED_BACK):
             detail = f" ({state.reason})" if state is not None and state.reason else ""
             raise NotFound(f"model {name!r} has no version {number} available{detail}")
         if state.state == State.LOADING:
@@ -85,7 +86,7 @@ class RoutingTable:
             raise NotFound(f"model {name!r} version {number} is being unloaded")
         return state.service
 
-    def default(self, *, routed: bool = True) -> ModelService:
+    def default(self, *, routed: bool = True) -> Servable:
         for name in self._models:
             try:
                 return self.get(name, routed=routed)
@@ -95,7 +96,7 @@ class RoutingTable:
             raise Unavailable("models are still loading", retry_after_s=1)
         raise NotFound("no model loaded")
 
-    def services(self) -> list[ModelService]:
+    def services(self) -> list[Servable]:
         return [s.service for m in self._models.values() for s in m.versions.values() if s.state == State.READY]
 
     def __iter__(self):
@@ -123,7 +124,7 @@ class RoutingTable:
     # -- loading and unloading (the loaders' side) ----------------------------------------------
 
     def set_state(self, name: str, version: int, state: str, reason: str = "",
-                  service: ModelService | None = None) -> None:
+                  service: Servable | None = None) -> None:
         model = self._models.setdefault(name, _Model())
         old = model.versions.get(version)
         model.versions[version] = VersionState(state, reason, service if service is not None else
@@ -131,7 +132,7 @@ class RoutingTable:
         if self._observer is not None:
             self._observer.state_changed(name, version, old.state if old else None, state)
 
-    def roll_back(self, name: str, version: int, reason: str) -> ModelService | None:
+    def roll_back(self, name: str, version: int, reason: str) -> Servable | None:
         """Take a version out of routing now, keeping it in the index with the reason. Returns its
         service, for the caller to close (its queued requests are still answered)."""
         state = self._models[name].versions.get(version)

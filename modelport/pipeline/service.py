@@ -1,4 +1,4 @@
-"""A pipeline served like a model: the same surface as ``ModelService``, its steps run by their own services.
+"""A pipeline served like a model: a ``Servable`` like a model's service, its steps run by their own services.
 
 Every step is looked up in the routing table on each request and runs through that model's own
 batcher, queue and admission limits, so pipeline traffic and direct traffic batch together, and
@@ -15,8 +15,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -24,9 +23,8 @@ from modelport.engine import imaging
 from modelport.repository.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
 from modelport.engine.predictions import Prediction, confidence, top_k
-from modelport.lifecycle.routing import RoutingTable
 from modelport.runtime import TensorSpec
-from modelport.engine.service import Stats, Timing, _check_deadline, check_rows
+from modelport.engine.servable import Servable, Stats, Timing, check_deadline, check_rows
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")
@@ -35,12 +33,6 @@ PLATFORM = "modelport_pipeline"
 # (12 MP, decoded at 1/2 scale). 64 MiB holds ~110 ImageNet-size photos; a row past it that goes
 # on to another input size is decoded again.
 KEEP_DECODED_BYTES = 64 << 20
-
-
-@dataclass
-class _Runtime:
-    platform: str
-    outputs: list[TensorSpec]
 
 
 class PipelineModel:
@@ -55,41 +47,37 @@ class PipelineModel:
         if config.kind == "chain":
             self.labels = last.labels
             self.output = last.output
-            outputs = list(last.runtime.outputs)
+            outputs = list(last.outputs)
             self._probabilities = last.probabilities
         else:
             self.labels = first.labels
             self.output = TensorSpec("probabilities", "FP32", (-1, len(self.labels)))
             outputs = [self.output]
             self._probabilities = lambda values: values  # steps' answers, already probabilities
-        self.runtime = _Runtime(f"{PLATFORM}/{config.kind}", outputs)
-        self.platform = self.runtime.platform
+        self.outputs: list[TensorSpec] = outputs
+        self.platform = f"{PLATFORM}/{config.kind}"
         # Raw tensors can go to a cascade or an ensemble only if every step takes the same one.
         self.takes_tensors = config.kind == "chain" or all(
             s.model.input == first.input and s.model.spec == first.spec for s in services)
 
-    def probabilities(self, values: np.ndarray) -> np.ndarray:
-        return self._probabilities(values)
+    def describe(self) -> dict:
+        return {"device": "cpu"}  # its steps say where they run
+
+    def probabilities(self, output: np.ndarray) -> np.ndarray:
+        return self._probabilities(output)
 
     def top_k(self, probabilities: np.ndarray, k: int | None = None) -> list[list[Prediction]]:
         return top_k(probabilities, self.labels, k or self.default_k)
 
 
-class _Front:
-    """The pipeline's answer to ``service.batcher``: refusing early is its first step's business."""
+class Routing(Protocol):
+    """Where the steps are found on each request (the server's routing table)."""
 
-    busy = False
-    queued = 0
-
-    def __init__(self, pipeline: "PipelineService") -> None:
-        self._pipeline = pipeline
-
-    def check(self) -> None:
-        self._pipeline.steps()[0].batcher.check()
+    def get(self, name: str, version: str | int | None = None) -> Servable: ...
 
 
 class PipelineService:
-    def __init__(self, name: str, config: PipelineConfig, routing: RoutingTable, *, decode_pool: ThreadPoolExecutor,
+    def __init__(self, name: str, config: PipelineConfig, routing: Routing, *, decode_pool: ThreadPoolExecutor,
                  max_pixels: int, max_images: int, observer=None, version: int = 1) -> None:
         self.name = name
         self.version = version
@@ -98,7 +86,6 @@ class PipelineService:
         self.max_pixels = max_pixels
         self.max_images = max_images
         self.stats = Stats()
-        self.batcher = _Front(self)
         self._routing = routing
         self._decode_pool = decode_pool
         self._observer = observer
@@ -106,7 +93,7 @@ class PipelineService:
         try:  # at load: every step there and fitting, or FAILED with the reason
             self.steps()
         except Unavailable:
-            raise  # a step still loading: the reloader waits for it
+            raise  # a step still loading: the version manager waits for it
         except ModelportError as exc:
             raise BundleError(f"{config.path}: {exc.message}") from None
 
@@ -118,7 +105,15 @@ class PipelineService:
 
     @property
     def output_names(self) -> list[str]:
-        return [o.name for o in self.model.runtime.outputs]
+        return [o.name for o in self.model.outputs]
+
+    # A pipeline owns no batcher: its steps' services queue and compute, and report it themselves.
+    busy = False
+    queued = 0
+
+    def admit(self) -> None:
+        """Refusing early is the first step's business."""
+        self.steps()[0].admit()
 
     def start(self) -> None:
         pass
@@ -126,7 +121,7 @@ class PipelineService:
     async def close(self) -> None:
         pass  # a pipeline owns no model: its steps are the routing table's
 
-    def steps(self) -> list:
+    def steps(self) -> list[Servable]:
         """The services of the steps now, checked against each other whenever one changed."""
         services = []
         for step in self.config.steps:
@@ -259,7 +254,7 @@ class PipelineService:
 
     async def _step(self, service, source, rows: np.ndarray, deadline, timing: Timing, *,
                     keep_decoded: bool = False) -> dict[str, np.ndarray]:
-        _check_deadline(deadline)
+        check_deadline(deadline)
         step_timing = Timing()
         timing.steps.append((service.name, step_timing))
         if isinstance(source, _Tensor):
@@ -366,7 +361,7 @@ def _check(config: PipelineConfig, services: Sequence) -> PipelineModel:
                                   f"gives every step the same input")
     else:
         for i, (feed, before, after) in enumerate(zip(config.feed, services, services[1:])):
-            outputs = {o.name: o for o in before.model.runtime.outputs}
+            outputs = {o.name: o for o in before.model.outputs}
             name = feed or before.model.output.name
             if name not in outputs:
                 raise BundleError(f"feed[{i}] = {name!r}: step {refs[i]!r} has no such output; it has "

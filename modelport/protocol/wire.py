@@ -43,7 +43,8 @@ from modelport import errors, untrusted
 
 PROTOCOL_OPS = ("classify", "infer", "ping")
 _KINDS = {cls.kind: cls for cls in (errors.BadInput, errors.NotFound, errors.PayloadTooLarge, errors.Overloaded,
-                                    errors.Unavailable, errors.DeadlineExceeded, errors.ModelportError)}
+                                    errors.Unavailable, errors.DeadlineExceeded, errors.Unauthorized, errors.Forbidden,
+                                    errors.BundleError, errors.MissingExtra, errors.ModelportError)}
 
 
 def pack(message: dict) -> bytes:
@@ -56,7 +57,7 @@ def unpack(frame: bytes) -> Any:
 
 def tensor_to_wire(array: np.ndarray) -> dict:
     array = np.ascontiguousarray(array)
-    return {"dtype": array.dtype.str.lstrip("<=|"), "shape": list(array.shape),
+    return {"dtype": array.dtype.str.lstrip("<>=|"), "shape": list(array.shape),  # the bytes are little-endian
             "data": array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()}
 
 

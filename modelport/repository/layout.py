@@ -24,8 +24,13 @@ def check_name(name: str, what: str = "model name") -> str:
 
 def versions(model_dir: Path) -> list[Path]:
     """Version directories of a model, lowest first. Hidden or non-numeric entries are ignored."""
-    found = [p for p in model_dir.iterdir() if p.is_dir() and untrusted.ascii_digits(p.name)] if model_dir.is_dir() else []
+    found = [p for p in model_dir.iterdir() if p.is_dir() and _version_name(p.name)] if model_dir.is_dir() else []
     return sorted(found, key=lambda p: int(p.name))
+
+
+def _version_name(name: str) -> bool:
+    """``7``, not ``07``: two spellings of one number would be two directories for one version."""
+    return untrusted.ascii_digits(name) and name == str(int(name))
 
 
 def latest_version(model_dir: Path) -> Path | None:

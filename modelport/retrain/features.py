@@ -72,7 +72,7 @@ class FeatureCache:
 def extract(model: Model, paths: Sequence[Path], cache: FeatureCache, *, batch_size: int = 16,
             progress: Callable[[int], None] | None = None) -> Extraction:
     """Features for every readable path; unreadable files are recorded, never fatal."""
-    if FEATURES_OUTPUT not in {o.name for o in model.runtime.outputs}:
+    if FEATURES_OUTPUT not in {o.name for o in model.outputs}:
         raise ModelportError(f"backbone {model.name!r} has no {FEATURES_OUTPUT!r} output to retrain on")
     result = Extraction()
     start = time.perf_counter()

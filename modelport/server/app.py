@@ -33,7 +33,8 @@ from modelport.pipeline.config import PipelineConfig
 from modelport.pipeline.service import PipelineService
 from modelport.lifecycle.routing import RoutingTable
 from modelport.lifecycle.states import State
-from modelport.lifecycle.watcher import Reloader
+from modelport.lifecycle.versions import VersionManager
+from modelport.lifecycle.watcher import RepositoryWatcher
 from modelport.engine.service import ModelService
 
 logger = logging.getLogger("modelport.server")
@@ -72,7 +73,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                repository: Path | None = None, watch: bool = True) -> Starlette:
     """Serve fixed ``bundles`` (model name -> version directory, or a function that finds them,
     run at start-up off the event loop so that building the default model does not delay the
-    health endpoints), or a ``repository`` directory kept in step by the hot reloader."""
+    health endpoints), or a ``repository`` directory kept in step by the version manager."""
     metrics = Metrics()
     routing = RoutingTable(observer=metrics)
 
@@ -91,15 +92,14 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                                    max_images=config.max_images_per_request, observer=metrics)
 
         if repository is not None:
-            app.state.reloader = Reloader(repository, routing, load, load_pipeline=load_pipeline,
-                                          settle_s=config.settle_s, poll_s=config.poll_s, watch=watch,
-                                          observer=metrics)
-            loading = asyncio.get_running_loop().create_task(_run_reloader(app, app.state.reloader))
+            watcher = RepositoryWatcher(repository, settle_s=config.settle_s, poll_s=config.poll_s, watch=watch)
+            app.state.versions = VersionManager(watcher, routing, load, load_pipeline=load_pipeline, observer=metrics)
+            loading = asyncio.get_running_loop().create_task(_follow_repository(app, app.state.versions))
         else:
-            app.state.reloader = None
+            app.state.versions = None
             loading = asyncio.get_running_loop().create_task(_load_static(app, bundles, routing, load))
         trimming = asyncio.get_running_loop().create_task(trim_when_idle(
-            lambda: not any(s.batcher.busy or s.batcher.queued for s in routing.services())))
+            lambda: not any(s.busy or s.queued for s in routing.services())))
         rpc = None
         if config.zmq_port is not None:
             from modelport.server.rpc import RpcServer
@@ -204,15 +204,15 @@ async def _load_static(app: Starlette, bundles, routing: RoutingTable, load) -> 
     logger.info("ready: %d model(s)", len(routing))
 
 
-async def _run_reloader(app: Starlette, reloader: Reloader) -> None:
+async def _follow_repository(app: Starlette, versions: VersionManager) -> None:
     try:
-        await reloader.load_initial()
+        await versions.load_initial()
     except Exception as exc:
         _start_failed(app, exc)
         return
     _now_ready(app)
-    logger.info("ready: %d model version(s) from %s", len(reloader.routing), reloader.root)
-    await reloader.follow()
+    logger.info("ready: %d model version(s) from %s", len(versions.routing), versions.root)
+    await versions.follow()
 
 
 def _now_ready(app: Starlette) -> None:

@@ -34,7 +34,7 @@ def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rp
                 model["rollout"] = {"candidate": str(rollout.candidate.version),
                                     "serving": str(rollout.serving.version), "stage": rollout.stage}
         load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
-                "queued": sum(s.batcher.queued for s in routing.services())}
+                "queued": sum(s.queued for s in routing.services())}
         return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),
                       host=socket.gethostname())
 

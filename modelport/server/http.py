@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any, Awaitable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,7 +15,7 @@ from starlette.responses import Response
 from modelport import untrusted
 from modelport.errors import ModelportError
 from modelport.server.config import ServerConfig
-from modelport.engine.service import ModelService, Timing
+from modelport.engine.servable import Servable, Timing
 
 logger = logging.getLogger("modelport.server")
 T = TypeVar("T")
@@ -46,13 +47,46 @@ def deadline(request: Request, config: ServerConfig, timing: Timing) -> float:
     return timing.arrived + timeout_ms / 1000
 
 
-def begin(request: Request, service: ModelService) -> Timing:
+def begin(request: Request, service: Servable) -> Timing:
     """Mark the request as served by ``service``: the observing middleware reads this back."""
     timing = Timing()
     request.state.model = service.name
     request.state.version = service.version
     request.state.timing = timing
     return timing
+
+
+@dataclass
+class Started(Generic[T]):
+    """A request past its start: the version that serves it, its body, its timing."""
+
+    request: Request
+    service: Servable
+    body: T
+    timing: Timing
+
+    def deadline(self) -> float:
+        # Computed when asked, not in start(): each protocol reads it where it always did, so a bad
+        # X-Request-Timeout-Ms header and a bad body are reported in the same order as before.
+        return deadline(self.request, self.request.app.state.config, self.timing)
+
+
+async def start(request: Request, pick: Callable[..., Servable],
+                read_body: Callable[[Request], Awaitable[T]]) -> Started[T]:
+    """The start every inference endpoint shares: refuse early, read the body, pick the version.
+
+    ``pick(routed=...)`` finds the model the request names; ``read_body`` reads (and may check)
+    the body.
+    """
+    # Refuse an overloaded or unknown model before reading the body: under overload, reading and
+    # parsing bodies that will be refused anyway would eat the CPU the accepted requests need.
+    # Not a routing decision: a canary's pick is made once, below.
+    pick(routed=False).admit()
+    body = await read_body(request)
+    # The version is picked after the body has arrived: a version switch during a slow upload
+    # sends the request to the new version instead of failing it.
+    service = pick(routed=True)
+    return Started(request, service, body, begin(request, service))
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -11,22 +11,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from modelport.server.admin import authorise, version_manager
 from modelport.server.http import json_response
-from modelport.server.kserve import _authorise, _reloader
 
 
 async def status(request: Request) -> Response:
-    return json_response(_reloader(request).rollout(request.path_params["model"]).status())
+    return json_response(version_manager(request).rollout(request.path_params["model"]).status())
 
 
 async def promote(request: Request) -> Response:
-    _authorise(request)
-    return json_response(_reloader(request).promote(request.path_params["model"]).status())
+    authorise(request)
+    return json_response(version_manager(request).promote(request.path_params["model"]).status())
 
 
 async def abort(request: Request) -> Response:
-    _authorise(request)
-    return json_response(_reloader(request).abort(request.path_params["model"]).status())
+    authorise(request)
+    return json_response(version_manager(request).abort(request.path_params["model"]).status())
 
 
 def routes() -> list[Route]:

@@ -20,7 +20,7 @@ from modelport import untrusted
 from modelport.protocol import wire
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
 from modelport.lifecycle.routing import RoutingTable
-from modelport.engine.service import ModelService, Timing
+from modelport.engine.servable import Servable, Timing
 
 logger = logging.getLogger("modelport.rpc")
 
@@ -109,7 +109,7 @@ class RpcServer:
         if service is not None and self._metrics is not None:
             self._metrics.observe_request(service.name, service.version, "zmq", status, time.monotonic() - start)
 
-    async def _infer(self, service: ModelService, op: Any, request: dict) -> dict:
+    async def _infer(self, service: Servable, op: Any, request: dict) -> dict:
         timing = Timing()
         timeout_ms = self._timeout_ms
         if "timeout_ms" in request:

@@ -22,7 +22,7 @@ from modelport.errors import ModelportError
 from modelport.server.app import create_app
 from modelport.server.cluster import worker_id
 from modelport.server.config import ServerConfig
-from modelport.server.protocol import protocol_class
+from modelport.server.connections import protocol_class
 
 logger = logging.getLogger("modelport.server")
 

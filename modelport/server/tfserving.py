@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,8 @@ from modelport import untrusted
 from modelport.errors import BadInput
 from modelport.lifecycle.states import State
 from modelport.runtime import V2_TO_NUMPY
-from modelport.server.http import begin, deadline, json_response, unless_disconnected
-from modelport.engine.service import ModelService
+from modelport.server.http import json_response, start, unless_disconnected
+from modelport.engine.servable import Servable
 
 
 _TF_STATES = {State.LOADING: "LOADING", State.READY: "AVAILABLE", State.UNLOADING: "UNLOADING", State.FAILED: "END",
@@ -52,7 +53,7 @@ async def metadata(request: Request) -> Response:
         "metadata": {"signature_def": {"signature_def": {"serving_default": {
             "inputs": {model.input.name: _tensor_info(model.input),
                        "image_bytes": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}}},
-            "outputs": {o.name: _tensor_info(o) for o in model.runtime.outputs},
+            "outputs": {o.name: _tensor_info(o) for o in model.outputs},
             "method_name": "tensorflow/serving/predict",
         }}}},
     })
@@ -82,7 +83,7 @@ async def classify(request: Request) -> Response:
     return json_response({"result": result})
 
 
-async def _infer(request: Request, service: ModelService, parsed, request_deadline: float, timing) -> dict:
+async def _infer(request: Request, service: Servable, parsed, request_deadline: float, timing) -> dict:
     images, tensor = parsed
     if images is not None:
         work = service.infer_images(images, deadline=request_deadline, timing=timing, input_name="b64")
@@ -92,17 +93,14 @@ async def _infer(request: Request, service: ModelService, parsed, request_deadli
 
 
 async def _start(request: Request):
-    _service(request).batcher.check()  # refuse before reading a body in vain (see upload.predict)
-    body = await request.body()
-    service = _service(request, routed=True)  # after the body: see kserve.infer
-    timing = begin(request, service)
-    payload = untrusted.json_body(body)
+    started = await start(request, functools.partial(_service, request), Request.body)
+    payload = untrusted.json_body(started.body)
     if not isinstance(payload, dict):
         raise BadInput("request body must be a JSON object")
-    return service, payload, timing, deadline(request, request.app.state.config, timing)
+    return started.service, payload, started.timing, started.deadline()
 
 
-def _parse(rows: Any, service: ModelService, columnar: bool) -> tuple[list[bytes] | None, np.ndarray | None]:
+def _parse(rows: Any, service: Servable, columnar: bool) -> tuple[list[bytes] | None, np.ndarray | None]:
     """Instances -> encoded images, or one tensor of the graph's input."""
     graph_input = service.model.input
     if columnar:
@@ -153,7 +151,7 @@ def _tensor_info(spec) -> dict:
     return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d)} for d in spec.shape]}}
 
 
-def _service(request: Request, *, routed: bool = False) -> ModelService:
+def _service(request: Request, *, routed: bool = False) -> Servable:
     params = request.path_params
     return request.app.state.models.get(params["model"], params.get("label", params.get("version")), routed=routed)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from modelport import untrusted
 from modelport.errors import BadInput, ModelportError
-from modelport.server.http import begin, deadline, json_response, unless_disconnected
+from modelport.server.http import json_response, start, unless_disconnected
 
 FIELD = "data"
 
@@ -16,10 +18,14 @@ FIELD = "data"
 async def predict(request: Request) -> Response:
     state = request.app.state
     k = _top_k(request)
-    # Refuse an overloaded or unknown model before parsing the upload: under overload, parsing
-    # bodies that will be refused anyway would eat the CPU the accepted requests need.
-    # Not a routing decision: a canary's pick is made once, below (see kserve.infer).
-    _pick(state.models, request, routed=False).batcher.check()
+    started = await start(request, functools.partial(_pick, state.models, request), _read_image)
+    (predictions,) = await unless_disconnected(request, started.service.classify(
+        [started.body], k=k, deadline=started.deadline(), timing=started.timing, input_name=FIELD))
+    return json_response([[p.label, p.score] for p in predictions])
+
+
+async def _read_image(request: Request) -> bytes:
+    """The image in the form's field ``data``."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # case-insensitive
         raise BadInput(f"expected a multipart form (Content-Type: multipart/form-data) with a file field {FIELD!r}",
                        input_name=FIELD)
@@ -34,15 +40,9 @@ async def predict(request: Request) -> Response:
         if upload is None:
             raise BadInput(f"missing form field {FIELD!r} (send the image as -F \"{FIELD}=@image.jpg\")",
                            input_name=FIELD)
-        data = await upload.read() if isinstance(upload, UploadFile) else upload.encode()
+        return await upload.read() if isinstance(upload, UploadFile) else upload.encode()
     finally:
         await form.close()
-    # The version is picked again once the upload has arrived (see kserve.infer).
-    service = _pick(state.models, request)
-    timing = begin(request, service)
-    (predictions,) = await unless_disconnected(request, service.classify(
-        [data], k=k, deadline=deadline(request, state.config, timing), timing=timing, input_name=FIELD))
-    return json_response([[p.label, p.score] for p in predictions])
 
 
 def _pick(models, request: Request, *, routed: bool = True):

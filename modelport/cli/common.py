@@ -1,0 +1,23 @@
+"""What several commands share: loading a model, the --log-level option."""
+
+from __future__ import annotations
+
+import click
+
+LOG_LEVEL_OPTION = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                                show_default=True)
+
+
+def load_model(ref: str | None, *, quiet: bool = False):
+    """Resolve and load a model, with a progress line if the default model must be built first."""
+    from modelport.packaged import default_model
+    from modelport.engine.model import Model
+
+    if (ref is None or ref == default_model.NAME) and not default_model.default_model_dir().is_dir() and not quiet:
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"Building {default_model.NAME} (first use only)..."):
+            path = default_model.resolve(ref)
+    else:
+        path = default_model.resolve(ref)
+    return Model.load(path)

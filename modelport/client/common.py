@@ -1,0 +1,90 @@
+"""What the blocking and asyncio clients share: URLs, request building and reply parsing.
+
+A ZeroMQ request is a msgpack map (``modelport/protocol/wire.py``); an HTTP request is KServe V2
+with the binary tensor extension (``modelport/protocol/v2.py``). Errors of either come back as the
+same ``modelport.errors`` classes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from modelport.engine.predictions import Prediction
+from modelport.errors import ModelportError
+from modelport.protocol import wire
+
+DEFAULT_MODEL = "efficientnet-lite0"
+ImageLike = str | os.PathLike | bytes
+
+
+class ClientTimeout(ModelportError):
+    kind = "timeout"
+
+
+def image_bytes(image: ImageLike) -> bytes:
+    return bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """(kind, address) of a server URL: ("zmq", "tcp://..."), ("http", url) or ("discovery", url)."""
+    parts = urlsplit(url)
+    if parts.scheme == "zmq":
+        return "zmq", f"tcp://{parts.netloc}"
+    if parts.scheme in ("http", "https"):
+        return "http", url.rstrip("/")
+    if parts.scheme == "etcd":
+        return "discovery", url
+    raise ValueError(f"unsupported URL {url!r}: use zmq://host:port, http://host:port or etcd://host:port/cluster")
+
+
+# -- ZeroMQ --------------------------------------------------------------------------------------
+
+def zmq_request(op: str, model: str | None, version: str | int | None, **fields: Any) -> dict:
+    request = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
+    if model is not None:
+        request["model"] = model
+    if version is not None:
+        request["version"] = str(version)
+    return request
+
+
+def zmq_inputs(inputs: Mapping[str, np.ndarray] | Sequence[ImageLike]) -> dict:
+    if isinstance(inputs, Mapping):
+        return {"inputs": {k: wire.tensor_to_wire(np.asarray(v)) for k, v in inputs.items()}}
+    return {"images": [image_bytes(i) for i in inputs]}
+
+
+def zmq_result(reply: Any) -> dict:
+    """The reply if it is a success; else the error it carries, raised."""
+    if not isinstance(reply, dict):
+        raise ModelportError(f"malformed reply: {reply!r}")
+    if not reply.get("ok"):
+        raise wire.error_from_wire(reply.get("error"))
+    return reply
+
+
+def zmq_predictions(reply: dict) -> list[list[Prediction]]:
+    return [[Prediction(label, int(index), float(score)) for label, index, score in row] for row in reply["predictions"]]
+
+
+def zmq_outputs(reply: dict) -> dict[str, np.ndarray]:
+    return {name: wire.tensor_from_wire(value, name) for name, value in reply["outputs"].items()}
+
+
+# -- HTTP (KServe V2) ----------------------------------------------------------------------------
+
+def http_inputs(inputs: Mapping[str, np.ndarray] | Sequence[ImageLike]) -> Mapping[str, np.ndarray] | list[bytes]:
+    return inputs if isinstance(inputs, Mapping) else [image_bytes(i) for i in inputs]
+
+
+def metadata_path(model: str, version: str | int | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
+
+
+def infer_path(model: str, version: str | int | None) -> str:
+    return metadata_path(model, version) + "/infer"
