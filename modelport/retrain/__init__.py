@@ -125,9 +125,7 @@ def retrain(data: str | Path, *, name: str, output: str | Path, backbone: str | 
 
 def _publish(model_dir: Path, staging: Path, name: str, spec, metadata: dict) -> int:
     """Rename the staging directory to the next version number; never overwrite an existing one."""
-    while True:
-        latest = repository.latest_version(model_dir)
-        version = int(latest.name) + 1 if latest else 1
+    def configure(version: int) -> None:
         write_config(staging, {
             "format": 1, "name": name, "version": version, "runtime": "onnx", "model_file": "model.onnx",
             "input": {"name": spec.name or "image", "height": spec.height, "width": spec.width,
@@ -137,12 +135,8 @@ def _publish(model_dir: Path, staging: Path, name: str, spec, metadata: dict) ->
             "serving": {"top_k": min(5, len(json.loads(metadata["classes"])))},
             "metadata": metadata,
         })
-        try:
-            staging.rename(model_dir / str(version))  # fails if another run took this number first
-            return version
-        except OSError:
-            if not (model_dir / str(version)).exists():
-                raise
+
+    return repository.publish(model_dir, staging, configure)
 
 
 def _check_survivors(classes, train, val, extraction: Extraction) -> None:
