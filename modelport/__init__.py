@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncClient", "Client", "Prediction"]
+__all__ = ["AsyncClient", "Client", "Prediction", "import_model"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from modelport import client
 
         return getattr(client, name)
+    if name == "import_model":
+        from modelport.importer import import_model
+
+        return import_model
     if name == "Prediction":
         from modelport.engine.predictions import Prediction
 

@@ -1,6 +1,8 @@
-"""What several commands share: loading a model, the --log-level option."""
+"""What several commands share: loading a model, the --log-level option, a gated run that exits 1 when refused."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
@@ -21,3 +23,18 @@ def load_model(ref: str | None, *, quiet: bool = False):
     else:
         path = default_model.resolve(ref)
     return Model.load(path)
+
+
+def run_gated(run, rejected: type, as_json: bool):
+    """``run(progress)`` with progress lines on stderr; when its gate refuses (``rejected``, which
+    carries a ``report``), print the report and exit 1: nothing was written."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        return run(lambda message: console.print(f"[dim]{message}[/dim]"))
+    except rejected as exc:
+        if as_json:
+            click.echo(json.dumps(exc.report.as_dict()))
+        console.print(f"[bold red]{exc.message}[/bold red]")
+        raise SystemExit(1)

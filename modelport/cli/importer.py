@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from modelport.cli.common import run_gated
+
 PRESET_NAMES = ("inception", "keras-mobilenet", "torchvision", "caffe", "unit", "raw")
 
 
@@ -45,20 +47,14 @@ def import_model(source: Path, labels: Path | None, name: str | None, output: Pa
 
     from modelport.importer import ImportRejected, import_model as run
 
-    console = Console(stderr=True)
-    try:
-        result = run(source, labels=labels, name=name, output=output, input=input_tensor, output_tensor=output_tensor,
-                     image_size=image_size, preprocess=preprocess, mean=mean or None, std=std or None,
-                     check_images=check_images, min_agreement=min_agreement, max_difference=max_difference,
-                     progress=lambda message: console.print(f"[dim]{message}[/dim]"))
-    except ImportRejected as exc:
-        if as_json:
-            click.echo(json.dumps(exc.report.as_dict()))
-        console.print(f"[bold red]{exc.message}[/bold red]")
-        raise SystemExit(1)
+    result = run_gated(lambda progress: run(
+        source, labels=labels, name=name, output=output, input=input_tensor, output_tensor=output_tensor,
+        image_size=image_size, preprocess=preprocess, mean=mean or None, std=std or None, check_images=check_images,
+        min_agreement=min_agreement, max_difference=max_difference, progress=progress), ImportRejected, as_json)
     if as_json:
         click.echo(json.dumps({"bundle": str(result.path), "version": result.version, **result.report.as_dict()}))
         return
+    console = Console(stderr=True)
     console.print(result.report.text())
     for note in result.converted.notes:
         console.print(f"[dim]{note}[/dim]")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from modelport.cli.common import load_model
+from modelport.cli.common import load_model, run_gated
 from modelport.runtime.precision import ENGINE_CHOICES
 
 
@@ -204,14 +204,7 @@ def _optimize_and_report(run, as_json: bool = False) -> None:
 
     from modelport.optimize.int8 import Refused
 
-    console = Console(stderr=True)
-    try:
-        published, report = run(lambda message: console.print(f"[dim]{message}[/dim]"))
-    except Refused as exc:
-        if as_json:
-            click.echo(json.dumps(exc.report.as_dict()))
-        console.print(f"[bold red]{exc.message}[/bold red]")
-        raise SystemExit(1)
+    published, report = run_gated(run, Refused, as_json)
     if as_json:
         click.echo(json.dumps({"bundle": str(published), **report.as_dict()}))
         return
