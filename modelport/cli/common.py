@@ -30,7 +30,7 @@ def run_gated(run, rejected: type, as_json: bool):
     carries a ``report``), print the report and exit 1: nothing was written."""
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a message stays on one line (grep)
     try:
         return run(lambda message: console.print(f"[dim]{message}[/dim]"))
     except rejected as exc:

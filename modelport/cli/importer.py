@@ -54,7 +54,7 @@ def import_model(source: Path, labels: Path | None, name: str | None, output: Pa
     if as_json:
         click.echo(json.dumps({"bundle": str(result.path), "version": result.version, **result.report.as_dict()}))
         return
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a message stays on one line (grep)
     console.print(result.report.text())
     for note in result.converted.notes:
         console.print(f"[dim]{note}[/dim]")

@@ -78,8 +78,8 @@ def import_model(source, *, labels: str | Path | None = None, name: str | None =
         config = _config(name, graph, chosen, len(label_list), metadata)
         write_config(staging, {**config, "version": 1})
         progress(f"checking on {len(images)} photos")
-        if converted.decodes_itself:
-            compared = "the source decoding and resizing each image itself"
+        if converted.own_input is not None:
+            compared = "the graph's own decode and normalisation at its input, the bundle's input through the rest"
         elif converted.own_preprocessing is not None:
             compared = f"the source with its own preprocessing ({converted.own_preprocessing.name})"
         else:

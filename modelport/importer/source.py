@@ -25,7 +25,9 @@ class Converted:
     # The source run in its own framework: (encoded images, the batch the source's input takes) -> scores.
     run: Callable[[list[bytes], np.ndarray], np.ndarray]
     own_preprocessing: Preprocessing | None = None  # what the source says of its input, if it says
-    decodes_itself: bool = False  # the source takes encoded images (a graph that decodes before the cut)
+    # A graph that decodes before the cut: encoded images -> the value of its input tensor, as the
+    # graph's own decode, resize and normalisation make it (then ``run`` feeds that tensor).
+    own_input: Callable[[list[bytes]], np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
 
 

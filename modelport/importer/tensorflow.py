@@ -134,18 +134,19 @@ def graph_def(path: Path, input: str | None, output: str | None) -> Converted:
         raise UnsupportedOperator(exc.message + (f"; for this graph: --input {cut}" if cut else "")) from None
     contents = _encoded_input(graph, input)
     session = tf.compat.v1.Session(graph=graph)
+    fixed = graph.get_tensor_by_name(input).shape[0] == 1
 
     def run(images, batch):
-        if contents is not None:  # from the JPEG, through the graph's own decode and resize
-            return np.concatenate([session.run(output, {contents: data}) for data in images])
-        fixed = graph.get_tensor_by_name(input).shape[0] == 1
-        if fixed:
+        if fixed:  # the guide's graph takes a batch of one
             return np.concatenate([session.run(output, {input: row[None]}) for row in batch])
         return session.run(output, {input: batch})
 
-    notes = ["the graph decodes the JPEG itself: the check compares its decode with modelport's"] if contents else []
+    def own_input(images):  # the graph's own decode, resize and normalisation of each JPEG
+        return np.concatenate([session.run(input, {contents: data}) for data in images])
+
+    notes = ["the graph decodes the JPEG itself: the check compares its input with modelport's"] if contents else []
     return Converted("graphdef", onnx_model, onnx_model.graph.input[0].name, onnx_model.graph.output[0].name,
-                     _converter(), run, decodes_itself=contents is not None, notes=notes)
+                     _converter(), run, own_input=own_input if contents is not None else None, notes=notes)
 
 
 def _defaults_to_identity(graph_def) -> None:
