@@ -120,7 +120,8 @@ def default_server(default_bundle, tmp_path_factory):
     """One real server with the default model for the protocol tests."""
     from servers import free_port
 
-    server = Server(log=tmp_path_factory.mktemp("logs") / "default.log", zmq_port=free_port()).wait_ready()
+    server = Server(log=tmp_path_factory.mktemp("logs") / "default.log", zmq_port=free_port(),
+                    grpc_port=free_port()).wait_ready()
     yield server
     server.stop()
 
@@ -135,7 +136,8 @@ def hardened_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardened")
     make_tiny_bundle(root / "repo" / fuzzing.MODEL / "1", size=8, serving={"top_k": 3, "max_batch_size": 4})
     server = Server(str(root / "repo"), "--max-images-per-request", "64", "--admin-token", fuzzing.ADMIN_TOKEN,
-                    "--max-queue-size", "1000", log=root / "server.log", zmq_port=free_port()).wait_ready()
+                    "--max-queue-size", "1000", log=root / "server.log", zmq_port=free_port(),
+                    grpc_port=free_port()).wait_ready()
     yield server, tiny_onnx(root / "w.onnx")
     server.stop()
     assert "Traceback" not in server.log.read_text(), "the server logged a traceback"

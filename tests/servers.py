@@ -98,16 +98,19 @@ class Server:
     """``modelport serve`` in its own process, on a free loopback port."""
 
     def __init__(self, *args: str, log: Path, env: dict | None = None, port: int | None = None,
-                 zmq_port: int | None = None) -> None:
+                 zmq_port: int | None = None, grpc_port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.zmq_port = zmq_port
         self.zmq_url = f"zmq://127.0.0.1:{zmq_port}" if zmq_port else None
+        self.grpc_address = f"127.0.0.1:{grpc_port}" if grpc_port else None
         self.log = log
         self._log_file = open(log, "ab")
         command = [sys.executable, "-m", "modelport", "serve", *args, "--port", str(self.port)]
         if zmq_port:
             command += ["--zmq-port", str(zmq_port)]
+        if grpc_port:
+            command += ["--grpc-port", str(grpc_port)]
         self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env=env or os.environ.copy())
 

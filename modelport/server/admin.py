@@ -15,10 +15,13 @@ from modelport.errors import BadInput, Forbidden, Unauthorized
 
 def authorise(request: Request) -> None:
     """Refuse the request unless the server has an admin token and the request bears it."""
-    token = request.app.state.config.admin_token
+    check_token(request.app.state.config.admin_token, request.headers.get("authorization", ""))
+
+
+def check_token(token: str | None, offered: str) -> None:
+    """``offered``: an ``Authorization`` value (HTTP header, gRPC metadata), ``Bearer <token>``."""
     if token is None:
         raise Forbidden("the model repository API is off; start the server with --admin-token to enable it")
-    offered = request.headers.get("authorization", "")
     scheme, _, value = offered.partition(" ")
     # Constant-time comparison: the time taken says nothing about how much of a guess was right.
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):

@@ -109,6 +109,12 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
+        grpc_server = None
+        if config.grpc_port is not None:
+            from modelport.server import grpc as grpc_front
+
+            grpc_server, bound = await grpc_front.start(app.state, config.host, config.grpc_port, config.max_body_bytes)
+            logger.info("gRPC on %s:%d", config.host, bound)
         app.state.membership = None
         if config.cluster is not None:
             from modelport.server.cluster import membership
@@ -124,6 +130,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             # its own -> leave the cluster (lease revoked: the key goes at once) -> stop
             # following the repository -> drain every batcher -> unload models.
             app.state.ready = False
+            if grpc_server is not None:  # in-flight calls finish within the exit timeout
+                await grpc_server.stop(config.exit_timeout_s)
             if rpc is not None:
                 await rpc.close(config.exit_timeout_s)
             if app.state.membership is not None:

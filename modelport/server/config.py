@@ -27,6 +27,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     zmq_port: int | None = None  # ZeroMQ front-end beside HTTP, same host and models; None = off
+    grpc_port: int | None = None  # gRPC (Open Inference Protocol) beside HTTP, same host and models; None = off
     max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images_per_request: int = DEFAULT_MAX_IMAGES  # 413 above; below, split into batches of max_batch_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import Any, Awaitable
 
 import numpy as np
 from starlette.requests import Request
@@ -56,20 +56,24 @@ async def model_ready(request: Request) -> Response:
 
 
 async def model_metadata(request: Request) -> Response:
-    service = _service(request)
+    return json_response(metadata(request.app.state.models, _service(request)))
+
+
+def metadata(routing, service: Servable) -> dict:
+    """A model version's V2 metadata (gRPC's ModelMetadataResponse has the same fields but parameters)."""
     model = service.model
     inputs = [_tensor_meta(model.input),
               {"name": v2.ENCODED_INPUT, "datatype": "BYTES", "shape": [-1],
                "parameters": {"content": f"encoded image (JPEG, PNG, ...); an alternative to {model.input.name!r}"}}]
-    return json_response({
+    return {
         "name": service.name,
-        "versions": [str(v) for v, s in request.app.state.models.versions(service.name).items() if s.state == State.READY],
+        "versions": [str(v) for v, s in routing.versions(service.name).items() if s.state == State.READY],
         "platform": model.platform,
         "inputs": inputs,
         "outputs": [_tensor_meta(o) for o in model.outputs],
         "parameters": {"labels": len(model.labels), "max_batch_size": service.serving.max_batch_size,
                        **_plain(model.describe())},
-    })
+    }
 
 
 def _plain(metadata: dict) -> dict:
@@ -79,7 +83,7 @@ def _plain(metadata: dict) -> dict:
 
 async def model_stats(request: Request) -> Response:
     services = [_service(request)] if "model" in request.path_params else list(request.app.state.models)
-    return json_response({"model_stats": [_stats(s) for s in services]})
+    return json_response({"model_stats": [stats(s) for s in services]})
 
 
 # -- inference -----------------------------------------------------------------------------------
@@ -105,12 +109,7 @@ async def infer(request: Request) -> Response:
     tensor = inputs[0]
     name, array = v2.decode_input(tensor, binary, service.model.input, model=service.name,
                                   check_rows=service.check_rows)
-    request_deadline = started.deadline()
-    if name == v2.ENCODED_INPUT:
-        work = service.infer_images(list(array), deadline=request_deadline, timing=timing, input_name=v2.ENCODED_INPUT)
-    else:
-        work = service.infer_tensor(array, deadline=request_deadline, timing=timing)
-    outputs = await unless_disconnected(request, work)
+    outputs = await unless_disconnected(request, run(service, name, array, started.deadline(), timing))
 
     response: dict[str, Any] = {"model_name": service.name, "model_version": str(service.version)}
     if request_id is not None:
@@ -119,7 +118,7 @@ async def infer(request: Request) -> Response:
         response["parameters"] = {"answered_by": ",".join(timing.answered_by)}
     out_entries, chunks = [], []
     for out_name, k, binary in requested:
-        value = outputs[out_name] if k is None else _classification(service, outputs[out_name], k)
+        value = outputs[out_name] if k is None else classification(service, outputs[out_name], k)
         entry, chunk = v2.encode_output(out_name, value, binary)
         out_entries.append(entry)
         if chunk is not None:
@@ -151,7 +150,15 @@ def _requested_outputs(payload: dict, service: Servable,
     return result
 
 
-def _classification(service: Servable, values: np.ndarray, k: int) -> np.ndarray:
+def run(service: Servable, name: str, value, deadline: float, timing) -> Awaitable[dict[str, np.ndarray]]:
+    """A decoded V2 input (REST or gRPC) through the model: encoded images, or its graph input."""
+    if name == v2.ENCODED_INPUT:
+        return service.infer_images(list(value), deadline=deadline, timing=timing, input_name=v2.ENCODED_INPUT)
+    return service.infer_tensor(value, deadline=deadline, timing=timing)
+
+
+def classification(service: Servable, values: np.ndarray, k: int) -> np.ndarray:
+    """The classification extension: the top ``k`` of each row as ``score:index:label`` strings."""
     return v2.format_classification(service.model.top_k(service.model.probabilities(values), k))
 
 
@@ -189,7 +196,7 @@ async def repository_unload(request: Request) -> Response:
     return json_response({})
 
 
-def _stats(service: Servable) -> dict:
+def stats(service: Servable) -> dict:
     s = service.stats
     return {
         "name": service.name, "version": str(service.version),

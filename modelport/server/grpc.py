@@ -1,0 +1,220 @@
+"""``serve --grpc-port N``: the Open Inference Protocol over gRPC, as Triton and KServe serve it
+(``inference.GRPCInferenceService``), beside HTTP on the same models, queues and limits.
+
+The messages and the service stubs are the ones ``tritonclient[grpc]`` generates from Triton's
+``grpc_service.proto`` (``protocol/grpc.py``). A call's gRPC deadline becomes the request's deadline
+(never later than the server's own); a call cancelled while its request is queued is never
+computed. Errors are gRPC status codes (``protocol.grpc.STATUS_BY_KIND``) with the same message and
+``kind`` as over HTTP in the trailing metadata, and ``retry-after`` for UNAVAILABLE. The repository
+RPCs need the admin token as ``authorization: Bearer <token>`` metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+from google.protobuf import json_format
+
+import modelport
+from modelport.engine.servable import Servable, Timing
+from modelport.errors import BadInput, ModelportError
+from modelport.lifecycle.states import State
+from modelport.protocol import grpc as codec
+from modelport.protocol import v2
+from modelport.server import kserve
+from modelport.server.admin import check_token
+
+logger = logging.getLogger("modelport.server")
+
+
+def _answers(method):
+    """Errors -> gRPC status codes with the error's kind; a bug -> INTERNAL, logged."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        started = time.monotonic()
+        try:
+            return await method(self, request, context)
+        except ModelportError as exc:
+            await _abort(context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            model = getattr(request, "model_name", None) or getattr(request, "name", None)
+            if method.__name__ == "ModelInfer" and model:
+                self._metrics.observe_request(model, getattr(request, "model_version", "") or "-", "grpc",
+                                              _http_like(context), time.monotonic() - started)
+    return wrapper
+
+
+async def _abort(context, exc: ModelportError) -> None:
+    metadata = [("kind", exc.kind)]
+    if hasattr(exc, "retry_after_s"):
+        metadata.append(("retry-after", str(max(1, round(exc.retry_after_s)))))
+    context.set_trailing_metadata(metadata)
+    await context.abort(getattr(grpc.StatusCode, codec.status_of(exc)), exc.message)
+
+
+def _http_like(context) -> int:
+    """The call's outcome as the HTTP status the request metrics count (200 or the error's)."""
+    code = context.code()
+    if code in (None, grpc.StatusCode.OK):
+        return 200
+    return {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503,
+            grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAUTHENTICATED: 401}.get(code, 500)
+
+
+def servicer_class():
+    messages, stubs = codec.messages()
+
+    class InferenceServicer(stubs.GRPCInferenceServiceServicer):
+        def __init__(self, state) -> None:
+            self._state = state  # the Starlette app's state: config, routing table, version manager, metrics
+            self._metrics = state.metrics
+
+        @property
+        def _routing(self):
+            return self._state.models
+
+        # -- health and metadata --------------------------------------------------------------------
+
+        @_answers
+        async def ServerLive(self, request, context):
+            return messages.ServerLiveResponse(live=True)
+
+        @_answers
+        async def ServerReady(self, request, context):
+            return messages.ServerReadyResponse(ready=bool(self._state.ready))
+
+        @_answers
+        async def ModelReady(self, request, context):
+            self._service(request.name, request.version)  # NOT_FOUND for an unknown model or version
+            return messages.ModelReadyResponse(ready=bool(self._state.ready))
+
+        @_answers
+        async def ServerMetadata(self, request, context):
+            return messages.ServerMetadataResponse(name="modelport", version=modelport.__version__,
+                                                   extensions=kserve.EXTENSIONS)
+
+        @_answers
+        async def ModelMetadata(self, request, context):
+            described = kserve.metadata(self._routing, self._service(request.name, request.version))
+            return json_format.ParseDict(described, messages.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+        @_answers
+        async def ModelStatistics(self, request, context):
+            services = ([self._service(request.name, request.version)] if request.name else list(self._routing))
+            return json_format.ParseDict({"model_stats": [kserve.stats(s) for s in services]},
+                                         messages.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+        # -- inference ------------------------------------------------------------------------------
+
+        @_answers
+        async def ModelInfer(self, request, context):
+            return await self._infer(request, context.time_remaining())
+
+        async def ModelStreamInfer(self, request_iterator, context):
+            """Each request runs as it arrives; answers go back as they are ready (out of order,
+            matched by ``id``), errors as ``error_message`` without ending the stream."""
+            answers: asyncio.Queue = asyncio.Queue()
+            tasks: set[asyncio.Task] = set()
+
+            async def one(request):
+                try:
+                    response = await self._infer(request, context.time_remaining())
+                    await answers.put(messages.ModelStreamInferResponse(infer_response=response))
+                except ModelportError as exc:
+                    await answers.put(messages.ModelStreamInferResponse(
+                        error_message=exc.message, infer_response=messages.ModelInferResponse(
+                            model_name=request.model_name, model_version=request.model_version, id=request.id)))
+                except Exception:
+                    logger.exception("gRPC stream request failed")
+                    await answers.put(messages.ModelStreamInferResponse(error_message="internal error"))
+
+            async def read():
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+                await answers.put(None)
+
+            reader = asyncio.ensure_future(read())
+            try:
+                while (answer := await answers.get()) is not None:
+                    yield answer
+            finally:
+                reader.cancel()
+                for task in list(tasks):
+                    task.cancel()
+
+        async def _infer(self, request, remaining_s: float | None):
+            routing = self._routing
+            # Refuse before decoding anything (as over HTTP), then pick routed: a canary's pick, once.
+            routing.get(request.model_name, request.model_version or None, routed=False).admit()
+            service = routing.get(request.model_name, request.model_version or None, routed=True)
+            timing = Timing()
+            timeout_s = self._state.config.timeout_ms / 1000
+            deadline = timing.arrived + (min(timeout_s, remaining_s) if remaining_s is not None else timeout_s)
+            entry, raw = codec.request_input(request)
+            name, value = v2.decode_input(entry, raw, service.model.input, model=service.name,
+                                          check_rows=service.check_rows)
+            asked = codec.requested_outputs(request, service.output_names)
+            service.resolve_outputs([n for n, _ in asked])
+            outputs = await kserve.run(service, name, value, deadline, timing)
+            answers = [(n, outputs[n] if k is None else kserve.classification(service, outputs[n], k)) for n, k in asked]
+            return codec.response(service.name, service.version, answers, request_id=request.id,
+                                  answered_by=",".join(timing.answered_by))
+
+        def _service(self, name: str, version: str) -> Servable:
+            return self._routing.get(name, version or None, routed=False)
+
+        # -- model repository (admin token) ---------------------------------------------------------
+
+        @_answers
+        async def RepositoryIndex(self, request, context):
+            self._authorise(context)
+            entries = [e for e in self._routing.index() if not request.ready or e["state"] == State.READY]
+            return json_format.ParseDict({"models": [dict(e, state=str(e["state"])) for e in entries]},
+                                         messages.RepositoryIndexResponse())
+
+        @_answers
+        async def RepositoryModelLoad(self, request, context):
+            self._authorise(context)
+            await self._manager().load_model(request.model_name)
+            return messages.RepositoryModelLoadResponse()
+
+        @_answers
+        async def RepositoryModelUnload(self, request, context):
+            self._authorise(context)
+            await self._manager().unload_model(request.model_name)
+            return messages.RepositoryModelUnloadResponse()
+
+        def _authorise(self, context) -> None:
+            offered = dict(context.invocation_metadata()).get("authorization", "")
+            check_token(self._state.config.admin_token, offered)
+
+        def _manager(self):
+            if self._state.versions is None:
+                raise BadInput("this server serves fixed bundles, not a repository: nothing to load or unload")
+            return self._state.versions
+
+    return InferenceServicer
+
+
+async def start(state, host: str, port: int, max_message_bytes: int):
+    """A gRPC server on the running event loop; returns it and the port it listens on."""
+    _, stubs = codec.messages()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes)])
+    stubs.add_GRPCInferenceServiceServicer_to_server(servicer_class()(state), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound
