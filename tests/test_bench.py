@@ -38,16 +38,16 @@ def levels(result: subprocess.CompletedProcess) -> list[dict]:
     return json.loads(result.stdout)["levels"]
 
 
-@pytest.mark.parametrize("protocol", ["upload", "v2", "tfserving", "zmq"])
+@pytest.mark.parametrize("protocol", ["upload", "v2", "tfserving", "zmq", "grpc"])
 def test_every_protocol_counts_right_answers(default_server, photos, protocol):
     directory, expect = photos
-    url = default_server.zmq_url if protocol == "zmq" else default_server.url
+    url = {"zmq": default_server.zmq_url, "grpc": f"grpc://{default_server.grpc_address}"}.get(protocol, default_server.url)
     (level,) = levels(bench(url, "--images", str(directory), "--protocol", protocol, "--concurrency", "2",
                             "--duration", "1.5", "--expect", str(expect), "--json", "-"))
     assert level["sent"] == level["ok"] + level["wrong"] + sum(level["errors"].values())
     assert level["ok"] > 5 and level["wrong"] == 0 and not level["errors"]
     assert level["latency_ms"]["p50"] <= level["latency_ms"]["p99"] <= level["latency_ms"]["max"]
-    if protocol != "zmq":  # modelport's own figures, read from /metrics around the run
+    if protocol not in ("zmq", "grpc"):  # modelport's own figures, read from /metrics around the run
         assert level["server"]["batches"] > 0 and level["server"]["mean_batch_size"] >= 1
 
 

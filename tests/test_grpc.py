@@ -3,6 +3,7 @@ unchanged: the same models, answers, limits and errors as over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 
 import numpy as np
@@ -134,3 +135,27 @@ def test_a_cat_over_grpc(triton):
     result = triton.infer(MODEL, [images_input(samples.jpeg(samples.photo("chelsea")))],
                           outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=1)])
     assert 281 <= int(result.as_numpy("probabilities")[0][0].decode().split(":")[1]) <= 285
+
+
+def test_modelports_own_client_speaks_grpc(default_server, hardened_server, images):
+    from modelport import AsyncClient, Client
+    from modelport.errors import BadInput, NotFound
+
+    url = f"grpc://{default_server.grpc_address}"
+    with Client(url) as client:
+        assert client.ping()
+        assert client.classify(images["espresso"], top_k=3)[0].label == "espresso"
+        with pytest.raises(NotFound, match="unknown model"):
+            client.infer("nope", [images["cat"].read_bytes()])
+    tiny_server, weights = hardened_server
+    x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype(np.float32)
+
+    async def run():
+        async with AsyncClient(f"grpc://{tiny_server.grpc_address}", model=fuzzing.MODEL) as client:
+            answers = await asyncio.gather(*(client.infer(fuzzing.MODEL, {"image": x[i:i + 1]}) for i in range(3)))
+            with pytest.raises(BadInput, match="cannot decode"):
+                await client.classify(b"not an image")
+            return answers
+
+    answers = asyncio.run(run())
+    assert np.allclose(np.concatenate([a["logits"] for a in answers]), x.mean(axis=(2, 3)) @ weights, atol=1e-5)

@@ -4,7 +4,7 @@ Every protocol answers with the top-1 class as far as it says it: (index, label)
 None where the protocol does not carry it (the upload API gives labels, TF Serving's ``:predict``
 gives scores). An error is a ``Failure`` with a kind (HTTP status or modelport's error kind).
 These are requests other servers understand too: the upload API, KServe V2 with the binary tensor
-extension, TF Serving REST ``:predict``, modelport's ZeroMQ.
+extension, TF Serving REST ``:predict``, modelport's ZeroMQ, the Open Inference Protocol over gRPC.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from modelport.errors import BadInput
 from modelport.protocol import v2
 
-PROTOCOLS = ("upload", "v2", "tfserving", "zmq", "discovery")
+PROTOCOLS = ("upload", "v2", "tfserving", "zmq", "grpc", "discovery")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Failure(Exception):
 
 def default_protocol(url: str) -> str:
     scheme = urlsplit(url).scheme
-    return {"zmq": "zmq", "etcd": "discovery"}.get(scheme, "upload")
+    return {"zmq": "zmq", "grpc": "grpc", "etcd": "discovery"}.get(scheme, "upload")
 
 
 class HttpTarget:
@@ -98,7 +98,7 @@ class HttpTarget:
 
 
 class ClientTarget:
-    """ZeroMQ and client-side discovery, through modelport's own asyncio client."""
+    """ZeroMQ, gRPC and client-side discovery, through modelport's own asyncio client."""
 
     def __init__(self, url: str, protocol: str, model: str) -> None:
         from modelport.client import AsyncClient
@@ -129,7 +129,7 @@ class ClientTarget:
 def target(url: str, protocol: str, model: str):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
-    cls = ClientTarget if protocol in ("zmq", "discovery") else HttpTarget
+    cls = ClientTarget if protocol in ("zmq", "grpc", "discovery") else HttpTarget
     return cls(url, protocol, model)
 
 

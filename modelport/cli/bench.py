@@ -14,8 +14,8 @@ import click
 @click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="Folder of images to send (flat, or in <class>/ folders), cycled through.")
 @click.option("--model", "-m", default="efficientnet-lite0", show_default=True, help="Model (or pipeline) to ask.")
-@click.option("--protocol", type=click.Choice(["upload", "v2", "tfserving", "zmq", "discovery"]), default=None,
-              help="Default: upload for http://, zmq for zmq://, discovery for etcd://.")
+@click.option("--protocol", type=click.Choice(["upload", "v2", "tfserving", "zmq", "grpc", "discovery"]), default=None,
+              help="Default: upload for http://, zmq for zmq://, grpc for grpc://, discovery for etcd://.")
 @click.option("--rate", default=None, help="Open loop: requests a second, or a sweep START:STOP:STEP.")
 @click.option("--arrivals", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True)
 @click.option("--concurrency", "-c", default=None, help="Closed loop: requests in flight (or a list: 1,8,32).")

@@ -42,6 +42,8 @@ class AsyncClient:
             self.discovery = Discovery(ClusterURL.parse(url), transport=transport, timeout_s=timeout_s,
                                        hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio,
                                        connect=lambda address: AsyncClient(address, model=model, timeout_s=timeout_s))
+        elif self.kind == "grpc":  # the channel is opened in the running loop, on first use
+            self._grpc = None
         elif self.kind == "zmq":
             import zmq
             import zmq.asyncio
@@ -65,6 +67,8 @@ class AsyncClient:
         if self.kind == "discovery":
             return await self.discovery.call(model, version, lambda worker: worker.classify_many(
                 data, top_k=top_k, model=model, version=version))
+        if self.kind == "grpc":
+            return await self._grpc_channel().classify(model, data, top_k, version)
         if self.kind == "zmq":
             return zmq_predictions(await self._call(zmq_request("classify", model, version, images=data, top_k=top_k)))
         primary = await self._primary_output(model, version)
@@ -78,6 +82,8 @@ class AsyncClient:
                 inputs = [image_bytes(i) for i in inputs]  # read files once, whatever the retries
             return await self.discovery.call(model, version, lambda worker: worker.infer(
                 model, inputs, outputs=outputs, version=version))
+        if self.kind == "grpc":
+            return await self._grpc_channel().infer(model, inputs, outputs, version)
         if self.kind == "zmq":
             return zmq_outputs(await self._call(zmq_request("infer", model, version,
                                                           outputs=list(outputs) if outputs else None,
@@ -89,14 +95,26 @@ class AsyncClient:
         if self.kind == "discovery":
             await self.discovery.start()
             return any(m.state == "ready" for m in self.discovery.directory.members.values())
+        if self.kind == "grpc":
+            return await self._grpc_channel().ping()
         if self.kind == "zmq":
             return bool((await self._call({"op": "ping"})).get("ok"))
         async with self._open_session().get(self._address + "/v2/health/ready") as response:
             return response.status == 200
 
+    def _grpc_channel(self):
+        if self._grpc is None:
+            from modelport.client.grpc import AsyncGrpcTransport
+
+            self._grpc = AsyncGrpcTransport(self._address, self.timeout_s)
+        return self._grpc
+
     async def close(self) -> None:
         if self.kind == "discovery":
             await self.discovery.close()
+        elif self.kind == "grpc":
+            if self._grpc is not None:
+                await self._grpc.close()
         elif self.kind == "zmq":
             if self._receiver is not None:
                 self._receiver.cancel()

@@ -31,15 +31,19 @@ def image_bytes(image: ImageLike) -> bytes:
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """(kind, address) of a server URL: ("zmq", "tcp://..."), ("http", url) or ("discovery", url)."""
+    """(kind, address) of a server URL: ("zmq", "tcp://..."), ("http", url), ("grpc", "host:port") or
+    ("discovery", url)."""
     parts = urlsplit(url)
     if parts.scheme == "zmq":
         return "zmq", f"tcp://{parts.netloc}"
     if parts.scheme in ("http", "https"):
         return "http", url.rstrip("/")
+    if parts.scheme == "grpc":
+        return "grpc", parts.netloc
     if parts.scheme == "etcd":
         return "discovery", url
-    raise ValueError(f"unsupported URL {url!r}: use zmq://host:port, http://host:port or etcd://host:port/cluster")
+    raise ValueError(f"unsupported URL {url!r}: use zmq://host:port, http://host:port, grpc://host:port or "
+                     f"etcd://host:port/cluster")
 
 
 # -- ZeroMQ --------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ class Client:
             self._loop = LoopThread()
             self._async = AsyncClient(url, model=model, timeout_s=timeout_s, transport=transport,
                                       hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio)
+        elif self.kind == "grpc":
+            from modelport.client.grpc import GrpcTransport
+
+            self._grpc = GrpcTransport(self._address, timeout_s)
         elif self.kind == "zmq":
             import zmq
 
@@ -75,6 +79,8 @@ class Client:
         model = model or self.model
         if self.kind == "discovery":
             return self._loop.run(self._async.classify_many(data, top_k=top_k, model=model, version=version))
+        if self.kind == "grpc":
+            return self._grpc.classify(model, data, top_k, version)
         if self.kind == "zmq":
             return zmq_predictions(self._call(zmq_request("classify", model, version, images=data, top_k=top_k)))
         outputs = self._v2(model, version, *v2.encode_request(data, v2.classification_output(
@@ -86,6 +92,8 @@ class Client:
         """Raw tensors in (``{"image": array}``) or encoded images in (a list), arrays out."""
         if self.kind == "discovery":
             return self._loop.run(self._async.infer(model, inputs, outputs=outputs, version=version))
+        if self.kind == "grpc":
+            return self._grpc.infer(model, inputs, outputs, version)
         if self.kind == "zmq":
             return zmq_outputs(self._call(zmq_request("infer", model, version, outputs=list(outputs) if outputs else None,
                                                     **zmq_inputs(inputs))))
@@ -94,6 +102,8 @@ class Client:
     def ping(self) -> bool:
         if self.kind == "discovery":
             return self._loop.run(self._async.ping())
+        if self.kind == "grpc":
+            return self._grpc.ping()
         if self.kind == "zmq":
             return bool(self._call({"op": "ping"}).get("ok"))
         return self._http.get("/v2/health/ready").status_code == 200
@@ -107,6 +117,8 @@ class Client:
         if self.kind == "discovery":
             self._loop.run(self._async.close())
             self._loop.close()
+        elif self.kind == "grpc":
+            self._grpc.close()
         elif self.kind == "zmq":
             self._socket.close(linger=0)
             self._context.term()

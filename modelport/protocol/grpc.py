@@ -15,7 +15,7 @@ import numpy as np
 
 from modelport.errors import BadInput, MissingExtra, ModelportError
 from modelport.protocol import v2
-from modelport.runtime import V2_TO_NUMPY
+from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 
 # A gRPC status per error kind: the same kinds as HTTP's statuses and ZeroMQ's error names.
 STATUS_BY_KIND = {"bad_input": "INVALID_ARGUMENT", "not_found": "NOT_FOUND", "too_large": "RESOURCE_EXHAUSTED",
@@ -100,3 +100,50 @@ def _typed_bytes(tensor) -> bytes:
     except (OverflowError, ValueError) as exc:
         raise BadInput(f"input {tensor.name!r}: contents are not {tensor.datatype}: {exc}", input_name=tensor.name) from None
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+# -- client side ------------------------------------------------------------------------------------
+
+def infer_request(model: str, version: str | int | None, inputs, outputs: list[tuple[str, int | None]]):
+    """Raw tensors (``{"image": array}``) or encoded images (a list of bytes) -> a ModelInferRequest,
+    its tensor in ``raw_input_contents``; no ``outputs``: every output."""
+    service_pb2, _ = messages()
+    request = service_pb2.ModelInferRequest(model_name=model, model_version="" if version is None else str(version))
+    if isinstance(inputs, dict):
+        (name, array), = inputs.items()
+        array = np.ascontiguousarray(array)
+        request.inputs.add(name=name, datatype=NUMPY_TO_V2[array.dtype], shape=list(array.shape))
+        request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    else:
+        request.inputs.add(name=v2.ENCODED_INPUT, datatype="BYTES", shape=[len(inputs)])
+        request.raw_input_contents.append(v2.encode_bytes(inputs))
+    for name, k in outputs:
+        output = request.outputs.add(name=name)
+        if k is not None:
+            output.parameters["classification"].int64_param = k
+    return request
+
+
+def infer_outputs(response) -> dict[str, np.ndarray]:
+    """A ModelInferResponse -> arrays by output name (BYTES as str)."""
+    outputs = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        shape = list(output.shape)
+        if output.datatype == "BYTES":
+            values = [e.decode() for e in v2.decode_bytes(raw, output.name, what="output")]
+            outputs[output.name] = np.array(values, dtype=object).reshape(shape)
+        else:
+            dtype = V2_TO_NUMPY[output.datatype].newbyteorder("<")
+            outputs[output.name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return outputs
+
+
+def error_from_grpc(exc) -> ModelportError:
+    """A failed call -> the ``modelport.errors`` class of its kind (trailing metadata, else its status)."""
+    from modelport.protocol.wire import error_from_wire
+
+    trailing = dict(exc.trailing_metadata() or ())
+    status = exc.code().name
+    kind = trailing.get("kind") or next((k for k, s in STATUS_BY_KIND.items() if s == status), "internal")
+    return error_from_wire({"kind": kind, "message": exc.details() or status,
+                            "retry_after_s": float(trailing.get("retry-after", 1))})
