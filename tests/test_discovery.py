@@ -207,6 +207,19 @@ def test_sync_client_over_zmq_gets_right_answers(cluster):
     assert np.allclose(reply["logits"], expected_logits(TENSOR, weights), atol=1e-4)
 
 
+def test_clients_find_workers_over_grpc_by_the_address_they_advertise(cluster):
+    grpc_port = free_port()
+    worker = cluster.start_worker("--grpc-port", str(grpc_port))
+    assert cluster.members()[worker_id(worker.port)].grpc == f"127.0.0.1:{grpc_port}"
+    weights = __import__("conftest").tiny_onnx(cluster.workers[0].log.parent / "w.onnx")
+    with Client(cluster.url, transport="grpc") as client:
+        reply = client.infer("tiny", {"image": TENSOR})
+    assert np.allclose(reply["logits"], expected_logits(TENSOR, weights), atol=1e-4)
+    resolved = subprocess.run([sys.executable, "-m", "modelport", "resolve", "--cluster", cluster.url, "--model", "tiny",
+                               "--transport", "grpc"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert resolved.startswith(f"127.0.0.1:{grpc_port}  {worker_id(worker.port)}")
+
+
 def test_p95_hedging_waits_for_the_other_workers_not_for_the_slow_one(cluster, tmp_path):
     """One worker ten times slower than the other: its answers are more than 5 % of all, so the
     overall p95 is its latency; hedging at the p95 of the *other* worker still cuts that tail."""

@@ -62,7 +62,7 @@ def balance(cluster, host: str, port: int, stats_port: int, retry_body_kb: int, 
 @CLUSTER_OPTION
 @click.option("--model", "-m", "model_name", required=True, help="The model to find workers for.")
 @click.option("--version", default=None, help="A version number or label (default: any READY version).")
-@click.option("--transport", type=click.Choice(["http", "zmq"]), default="http", show_default=True)
+@click.option("--transport", type=click.Choice(["http", "zmq", "grpc"]), default="http", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The workers as a JSON list, best first.")
 def resolve(cluster, model_name: str, version: str | None, transport: str, as_json: bool) -> None:
     """The two-step lookup for scripts: the workers that serve MODEL now, least loaded first."""
@@ -76,7 +76,7 @@ def resolve(cluster, model_name: str, version: str | None, transport: str, as_js
         click.echo(json.dumps([asdict(m) for m in members]))
         return
     for m in members:
-        click.echo(f"{m.http if transport == 'http' else m.zmq}  {m.id}  load {m.total_load}")
+        click.echo(f"{ {'http': m.http, 'zmq': m.zmq, 'grpc': m.grpc}[transport]}  {m.id}  load {m.total_load}")
 
 
 @click.command()

@@ -160,8 +160,8 @@ class Discovery:
     def __init__(self, cluster: ClusterURL, *, transport: str, connect: Callable[[str], object],
                  timeout_s: float = 30.0, hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2,
                  tau_s: float = 2.0) -> None:
-        if transport not in ("http", "zmq"):
-            raise ValueError(f"transport must be 'http' or 'zmq', not {transport!r}")
+        if transport not in ("http", "zmq", "grpc"):
+            raise ValueError(f"transport must be 'http', 'zmq' or 'grpc', not {transport!r}")
         if hedge_after_ms not in (None, "p95") and not (isinstance(hedge_after_ms, (int, float)) and hedge_after_ms > 0):
             raise ValueError(f"hedge_after_ms must be a positive number of ms or 'p95', not {hedge_after_ms!r}")
         self.cluster = cluster
@@ -249,6 +249,8 @@ class Discovery:
     def _address(self, member: Member) -> str | None:
         if self.transport == "http":
             return member.http
+        if self.transport == "grpc":
+            return "grpc://" + member.grpc if member.grpc else None
         return "zmq://" + member.zmq.removeprefix("tcp://") if member.zmq else None
 
     def _endpoint(self, member: Member) -> Endpoint:

@@ -11,6 +11,7 @@ endpoints)::
      "id": "host-12481",                          # stable for the worker process's life
      "http": "http://127.0.0.1:12481",            # how to reach it over HTTP
      "zmq": "tcp://127.0.0.1:12491" | null,       # and over ZeroMQ, if enabled
+     "grpc": "127.0.0.1:8001" | null,              # and over gRPC, if enabled (absent before this field existed)
      "state": "ready" | "draining",               # draining: finishing, send nothing new
      "models": {"flowers": {"versions": ["6", "7"], "labels": {"canary": "7"}}},   # READY only
      "load": {"in_flight": 3, "queued": 1},       # refreshed at most once a second
@@ -89,6 +90,7 @@ class Member:
     started: float = 0.0
     pid: int = 0
     host: str = ""
+    grpc: str | None = None  # host:port of its gRPC server (the Open Inference Protocol), if enabled
 
     def to_json(self) -> bytes:
         return json.dumps({"schema": SCHEMA, **asdict(self)}, separators=(",", ":"), sort_keys=True).encode()
@@ -109,6 +111,9 @@ class Member:
             raise ValueError(f"bad http address {http!r}")
         if zmq is not None and (not isinstance(zmq, str) or not zmq.startswith("tcp://")):
             raise ValueError(f"bad zmq address {zmq!r}")
+        grpc = value.get("grpc")
+        if grpc is not None and (not isinstance(grpc, str) or not _port_of(f"http://{grpc}")):
+            raise ValueError(f"bad grpc address {grpc!r}")
         if state not in (READY, DRAINING):
             raise ValueError(f"bad state {state!r}")
         models = value.get("models", {})
@@ -120,7 +125,7 @@ class Member:
         started, pid, host = value.get("started", 0.0), value.get("pid", 0), value.get("host", "")
         if not isinstance(started, (int, float)) or not isinstance(pid, int) or not isinstance(host, str):
             raise ValueError("bad started, pid or host")
-        return cls(member_id, http, zmq, state, models, load, float(started), pid, host)
+        return cls(member_id, http, zmq, state, models, load, float(started), pid, host, grpc)
 
     @property
     def http_host(self) -> str:

@@ -109,7 +109,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
-        grpc_server = None
+        grpc_server = bound = None
         if config.grpc_port is not None:
             from modelport.server import grpc as grpc_front
 
@@ -119,7 +119,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         if config.cluster is not None:
             from modelport.server.cluster import membership
 
-            app.state.membership = membership(config, routing, metrics, rpc)
+            app.state.membership = membership(config, routing, metrics, rpc, bound)
             app.state.on_ready.append(app.state.membership.start)
         try:
             yield

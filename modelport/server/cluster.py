@@ -14,11 +14,12 @@ from modelport.server.config import ServerConfig
 from modelport.server.metrics import Metrics
 
 
-def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rpc) -> Membership:
+def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rpc, grpc_port: int | None) -> Membership:
     cluster = ClusterURL.parse(config.cluster)
     host = advertised_host(config)
     http = f"http://{_bracket(host)}:{config.port}"
     zmq = f"tcp://{_bracket(host)}:{rpc.address.rsplit(':', 1)[1]}" if rpc is not None else None
+    grpc = f"{_bracket(host)}:{grpc_port}" if grpc_port is not None else None
     started = time.time()
 
     def describe() -> Member:
@@ -36,7 +37,7 @@ def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rp
         load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
                 "queued": sum(s.queued for s in routing.services())}
         return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),
-                      host=socket.gethostname())
+                      host=socket.gethostname(), grpc=grpc)
 
     return Membership(cluster, describe, ttl_s=config.lease_ttl_s)
 
