@@ -32,24 +32,29 @@ logger = logging.getLogger("modelport.server")
 
 
 def _answers(method):
-    """Errors -> gRPC status codes with the error's kind; a bug -> INTERNAL, logged."""
+    """Errors -> gRPC status codes with the error's kind; a bug -> INTERNAL, logged. An inference
+    call is counted in the request metrics (protocol "grpc"), by the HTTP status of its outcome."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        started = time.monotonic()
+        started, version, status = time.monotonic(), None, 500
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            version, status = getattr(response, "model_version", None), 200
+            return response
         except ModelportError as exc:
+            status = exc.status
             await _abort(context, exc)
         except asyncio.CancelledError:
+            status = 499
             raise
         except Exception:
             logger.exception("gRPC %s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            model = getattr(request, "model_name", None) or getattr(request, "name", None)
-            if method.__name__ == "ModelInfer" and model:
-                self._metrics.observe_request(model, getattr(request, "model_version", "") or "-", "grpc",
-                                              _http_like(context), time.monotonic() - started)
+            # Only models it serves: a name from a request is no metric label (unbounded series).
+            if method.__name__ == "ModelInfer" and self._routing.known(request.model_name):
+                self._metrics.observe_request(request.model_name, version or request.model_version or "-", "grpc",
+                                              status, time.monotonic() - started)
     return wrapper
 
 
@@ -59,16 +64,6 @@ async def _abort(context, exc: ModelportError) -> None:
         metadata.append(("retry-after", str(max(1, round(exc.retry_after_s)))))
     context.set_trailing_metadata(metadata)
     await context.abort(getattr(grpc.StatusCode, codec.status_of(exc)), exc.message)
-
-
-def _http_like(context) -> int:
-    """The call's outcome as the HTTP status the request metrics count (200 or the error's)."""
-    code = context.code()
-    if code in (None, grpc.StatusCode.OK):
-        return 200
-    return {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
-            grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503,
-            grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAUTHENTICATED: 401}.get(code, 500)
 
 
 def servicer_class():
