@@ -162,6 +162,27 @@ async def test_full_queue_refuses_at_once_and_queued_ones_complete():
     await b.close()
 
 
+async def test_requests_nobody_waits_for_give_their_places_in_a_full_queue_to_live_ones():
+    runtime = Runtime()
+    runtime.gate.clear()
+    b = batcher(runtime, max_batch_size=1, max_queue_size=3)
+    running = asyncio.ensure_future(b.submit(0))
+    await runtime.started.wait()
+    gone = asyncio.ensure_future(b.submit(1))
+    late = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 0.01))
+    live = asyncio.ensure_future(b.submit(3))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    b.check()  # full by count, but two of the three are abandoned: a place for a live request
+    with pytest.raises(DeadlineExceeded):
+        await late  # answered when it was dropped, not when the worker reached it
+    assert b.queued == 1
+    runtime.gate.set()
+    assert await asyncio.gather(running, live) == [0, 30]
+    assert [1] not in runtime.batches and [2] not in runtime.batches
+    await b.close()
+
+
 async def test_close_drains_the_queue():
     runtime = Runtime()
     runtime.gate.clear()

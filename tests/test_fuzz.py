@@ -6,10 +6,13 @@ classes fuzzing found are in ``test_hardening.py``.
 
 from __future__ import annotations
 
+import grpc
 import httpx
 import msgpack
 import numpy as np
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2  # the grpc extra: a missing install fails here, not silently
 
 import fuzzing
 from test_rpc import expected_logits, raw_dealer
@@ -57,3 +60,120 @@ def test_fuzzed_zmq_frames_get_replies_never_internal(hardened_server):
 
         one()
     check_still_right(server, weights)
+
+
+# -- gRPC: the same server's gRPC port ------------------------------------------------------------------
+
+def grpc_status(call) -> tuple[str, object, dict]:
+    """(status name, the response or the error, trailing metadata) of a unary call."""
+    try:
+        return "OK", call(), {}
+    except grpc.RpcError as exc:
+        return exc.code().name, exc, dict(exc.trailing_metadata() or ())
+
+
+def check_grpc_still_right(server, weights, log_from: int) -> None:
+    """A good call over gRPC gets the right answer, and the log has no traceback past ``log_from``."""
+    tensor = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype("<f4")
+    request = service_pb2.ModelInferRequest(model_name=fuzzing.MODEL)
+    request.inputs.add(name="image", datatype="FP32", shape=list(tensor.shape))
+    request.raw_input_contents.append(tensor.tobytes())
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        infer = channel.unary_unary(fuzzing.GRPC_SERVICE + "ModelInfer", request_serializer=None,
+                                    response_deserializer=service_pb2.ModelInferResponse.FromString)
+        response = infer(request.SerializeToString(), timeout=30)
+    logits = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 4)
+    assert np.allclose(logits, expected_logits(tensor, weights), atol=1e-4)
+    check_still_right(server, weights)
+    assert b"Traceback" not in server.log.read_bytes()[log_from:], "the server logged a traceback"
+
+
+def raw_unary(channel, method: str):
+    """A unary call that sends and returns bytes: what no generated stub would send."""
+    return channel.unary_unary(fuzzing.GRPC_SERVICE + method, request_serializer=None, response_deserializer=None)
+
+
+def test_fuzzed_grpc_requests_are_never_internal(hardened_server):
+    server, weights = hardened_server
+    log_from = server.log.stat().st_size
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        infer = raw_unary(channel, "ModelInfer")
+
+        @fuzz_settings(400)
+        @given(fuzzing.grpc_infer_request())
+        def one(request) -> None:
+            status, answer, trailing = grpc_status(lambda: infer(request.SerializeToString(), timeout=30))
+            assert status in fuzzing.GRPC_ALLOWED, (str(request)[:600], status, answer)
+            if status != "OK":  # modelport's own error, with its kind, never a traceback
+                assert "kind" in trailing and "Traceback" not in answer.details(), (str(request)[:600], answer)
+
+        one()
+    check_grpc_still_right(server, weights, log_from)
+
+
+def test_malformed_grpc_messages_are_invalid_argument_never_internal(hardened_server):
+    server, weights = hardened_server
+    log_from = server.log.stat().st_size
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        @fuzz_settings(300)
+        @given(fuzzing.grpc_raw_calls)
+        def one(call: tuple[str, bytes]) -> None:
+            method, body = call
+            status, answer, _ = grpc_status(lambda: raw_unary(channel, method)(body, timeout=30))
+            assert status in fuzzing.GRPC_ALLOWED, (method, body[:200], status, answer)
+
+        one()
+    check_grpc_still_right(server, weights, log_from)
+
+
+def test_fuzzed_grpc_streams_answer_every_request_once(hardened_server):
+    """In a stream, a bad request is answered in-stream (``error_message``, its ``id``) and the
+    stream goes on: every request gets exactly one answer, none "internal error"."""
+    server, weights = hardened_server
+    log_from = server.log.stat().st_size
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stream = channel.stream_stream(fuzzing.GRPC_SERVICE + "ModelStreamInfer", request_serializer=None,
+                                       response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+
+        @fuzz_settings(150)
+        @given(st.lists(fuzzing.grpc_infer_request(), min_size=1, max_size=4))
+        def one(requests) -> None:
+            for n, request in enumerate(requests):
+                request.id = f"r{n}"
+            answers = list(stream(iter([r.SerializeToString() for r in requests]), timeout=20))
+            ids = sorted(a.infer_response.id for a in answers)
+            assert ids == [f"r{n}" for n in range(len(requests))], answers
+            assert not [a for a in answers if a.error_message == "internal error"], answers
+
+        one()
+    check_grpc_still_right(server, weights, log_from)
+
+
+def test_grpc_message_over_the_limit_is_resource_exhausted_and_just_under_is_served(hardened_server):
+    """The hardened server's limit is the default --max-body-mb 16: a message of exactly 16 MiB is
+    read (and answered), one byte more is RESOURCE_EXHAUSTED, and so is 17 MiB."""
+    server, weights = hardened_server
+    log_from = server.log.stat().st_size
+    limit = 16 * 1024 * 1024
+    tensor = np.zeros((1, 3, 8, 8), "<f4")
+
+    def request_of(size: int) -> bytes:
+        """A good request padded to ``size`` bytes with an unknown parameter (ignored)."""
+        request = service_pb2.ModelInferRequest(model_name=fuzzing.MODEL)
+        request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
+        request.raw_input_contents.append(tensor.tobytes())
+        pad = size - request.ByteSize()
+        while True:
+            request.parameters["pad"].string_param = "x" * pad
+            if request.ByteSize() == size:
+                return request.SerializeToString()
+            pad += size - request.ByteSize()  # the length prefixes grew with the padding
+
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        infer = raw_unary(channel, "ModelInfer")
+        status, answer, _ = grpc_status(lambda: infer(request_of(limit), timeout=60))
+        assert status == "OK", answer
+        for size in (limit + 1, 17 * 1024 * 1024):
+            status, answer, _ = grpc_status(lambda: infer(request_of(size), timeout=60))
+            assert status == "RESOURCE_EXHAUSTED" and "larger than max" in answer.details(), (size, answer)
+    check_grpc_still_right(server, weights, log_from)

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
 import tritonclient.grpc as grpcclient  # in the grpc extra: a missing install fails here, not silently
+import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import fuzzing
 from modelport import samples
+from servers import Gate, Server, free_port, make_gate_bundle, metric, wait_until
 
 MODEL = "efficientnet-lite0"
 
@@ -159,3 +164,177 @@ def test_modelports_own_client_speaks_grpc(default_server, hardened_server, imag
 
     answers = asyncio.run(run())
     assert np.allclose(np.concatenate([a["logits"] for a in answers]), x.mean(axis=(2, 3)) @ weights, atol=1e-5)
+
+
+# -- Triton's asyncio client -------------------------------------------------------------------------
+
+def test_tritons_asyncio_client_health_metadata_and_concurrent_images_with_class_count(default_server, images):
+    photos = [images["espresso"].read_bytes(), images["cat"].read_bytes()] * 3
+
+    async def run():
+        client = aioclient.InferenceServerClient(default_server.grpc_address)
+        try:
+            health = [await client.is_server_live(), await client.is_server_ready(), await client.is_model_ready(MODEL)]
+            server = await client.get_server_metadata()
+            metadata = await client.get_model_metadata(MODEL, as_json=True)
+
+            def ask(n: int, photo: bytes):
+                tensor = aioclient.InferInput("image_bytes", [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([photo], dtype=np.object_))
+                return client.infer(MODEL, [tensor], request_id=f"q{n}",
+                                    outputs=[aioclient.InferRequestedOutput("probabilities", class_count=3)])
+
+            results = await asyncio.gather(*(ask(n, photo) for n, photo in enumerate(photos)))
+            return health, server, metadata, results
+        finally:
+            await client.close()
+
+    health, server, metadata, results = asyncio.run(run())
+    assert health == [True, True, True] and server.name == "modelport"
+    assert metadata["inputs"][0] == {"name": "image", "datatype": "UINT8", "shape": ["-1", "224", "224", "3"]}
+    for n, result in enumerate(results):
+        assert result.get_response().id == f"q{n}"
+        top = result.as_numpy("probabilities")
+        assert top.shape == (1, 3)
+        if n % 2 == 0:
+            assert top[0][0].decode().split(":")[1:] == ["967", "espresso"]
+        else:
+            assert 281 <= int(top[0][0].decode().split(":")[1]) <= 285  # a cat
+
+
+def test_tritons_asyncio_client_gets_each_concurrent_tensor_its_own_answer_and_errors_as_status(hardened_server):
+    server, weights = hardened_server
+    x = np.random.default_rng(5).normal(size=(16, 3, 8, 8)).astype(np.float32)  # 16 unique payloads, batched
+
+    async def run():
+        client = aioclient.InferenceServerClient(server.grpc_address)
+        try:
+            def ask(row: np.ndarray):
+                tensor = aioclient.InferInput("image", [1, 3, 8, 8], "FP32")
+                tensor.set_data_from_numpy(row[None])
+                return client.infer(fuzzing.MODEL, [tensor])
+
+            results = await asyncio.gather(*(ask(row) for row in x))
+            tensor = aioclient.InferInput("image", [1, 3, 8, 8], "FP32")
+            tensor.set_data_from_numpy(x[:1])
+            with pytest.raises(InferenceServerException) as raised:
+                await client.infer("nope", [tensor])
+            return results, raised.value
+        finally:
+            await client.close()
+
+    results, error = asyncio.run(run())
+    logits = np.concatenate([r.as_numpy("logits") for r in results])
+    assert np.allclose(logits, x.mean(axis=(2, 3)) @ weights, atol=1e-5)
+    assert error.status() == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in error.message()
+
+
+# -- deadlines and cancellation, with a gate that holds the model ---------------------------------
+
+@pytest.fixture
+def gated(tmp_path):
+    """A server over the gate model (max_batch_size 1, a queue of 4) with a gRPC port, the gate open,
+    and Triton's client of it."""
+    bundle = make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1, max_queue_size=4, max_delay_ms=0)
+    server = Server(str(tmp_path / "repo"), log=tmp_path / "server.log", grpc_port=free_port()).wait_ready()
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    yield server, Gate(bundle), client  # the Gate made after ready: counts requests only
+    Gate(bundle).open()
+    client.close()
+    server.stop()
+    assert "Traceback" not in server.log.read_text(), "the server logged a traceback"
+
+
+def gate_input():
+    tensor = grpcclient.InferInput("image", [1, 8, 8, 3], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 8, 8, 3), np.uint8))
+    return tensor
+
+
+def computed(client) -> tuple[int, int]:
+    """(inference_count, execution_count) of the gate model, from Triton's statistics call."""
+    stats = client.get_inference_statistics("gate", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_a_call_whose_deadline_passes_in_the_queue_is_deadline_exceeded_and_never_computed(gated):
+    server, gate, client = gated
+    gate.close()
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(client.infer, "gate", [gate_input()])
+        wait_until(lambda: len(gate.batches()) == 1)  # the held request is in the model
+        start = time.monotonic()
+        late = pool.submit(client.infer, "gate", [gate_input()], client_timeout=0.5)
+        wait_until(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 1)  # queued, not refused
+        with pytest.raises(InferenceServerException) as raised:
+            late.result()
+        elapsed = time.monotonic() - start
+        assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert 0.4 < elapsed < 3, elapsed
+        assert client.is_server_live()
+        gate.open()
+        assert held.result().as_numpy("logits").shape == (1, 4)
+    assert client.infer("gate", [gate_input()]).as_numpy("logits").shape == (1, 4)  # the next one is answered
+    assert gate.batches() == [1, 1]  # the held request and the next: the late one never ran
+    assert computed(client) == (2, 2)
+    # Counted as the call that ran out: 504 (the server's deadline) or 499 (gRPC cancelled it first).
+    assert sum(metric(server.url, "modelport_requests_total", model="gate", protocol="grpc", status=s)
+               for s in ("504", "499")) == 1
+    assert server.proc.poll() is None
+
+
+def test_a_cancelled_stream_leaves_its_queued_requests_uncomputed(gated):
+    server, gate, client = gated
+    cancelled, after = queue.Queue(), queue.Queue()
+    streamer = grpcclient.InferenceServerClient(server.grpc_address)
+    gate.close()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.infer, "gate", [gate_input()])
+        wait_until(lambda: len(gate.batches()) == 1)  # the model is busy: the stream's requests queue
+        streamer.start_stream(callback=lambda result, error: cancelled.put((result, error)))
+        for n in range(3):
+            streamer.async_stream_infer("gate", [gate_input()], request_id=f"s{n}")
+        wait_until(lambda: metric(server.url, "modelport_queue_depth", model="gate") == 3)
+        streamer.stop_stream(cancel_requests=True)
+        # A call on the stream's own connection, after the cancel: answered once the server has had it.
+        assert streamer.is_server_live()
+        gate.open()
+        assert held.result().as_numpy("logits").shape == (1, 4)
+    streamer.start_stream(callback=lambda result, error: after.put((result, error)))  # new calls are answered
+    streamer.async_stream_infer("gate", [gate_input()], request_id="after")
+    result, error = after.get(timeout=20)
+    streamer.stop_stream()
+    streamer.close()
+    assert error is None and result.get_response().id == "after"
+    assert gate.batches() == [1, 1]  # the held request and the one after: none of the cancelled three ran
+    assert computed(client) == (2, 2)
+    assert all(result is None for result, _ in list(cancelled.queue))  # no answer came for a cancelled request
+    assert server.proc.poll() is None
+
+
+def test_a_malformed_message_in_a_stream_ends_it_at_once_not_at_the_deadline(hardened_server):
+    """A stream whose second message is not a ModelInferRequest: the request before it is answered,
+    then the stream goes on (an in-stream error) or ends with INVALID_ARGUMENT, right away."""
+    server, _ = hardened_server
+    good = grpcclient.service_pb2.ModelInferRequest(model_name=fuzzing.MODEL, id="r0")
+    good.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
+    good.raw_input_contents.append(bytes(4 * 3 * 8 * 8))
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                       response_deserializer=grpcclient.service_pb2.ModelStreamInferResponse.FromString)
+        start = time.monotonic()
+        after = grpcclient.service_pb2.ModelInferRequest()
+        after.CopyFrom(good)
+        after.id = "r2"
+        call = stream(iter([good.SerializeToString(), b"\xff\xff", after.SerializeToString()]), timeout=5)
+        answers, status = [], "OK"
+        try:
+            answers.extend(call)
+        except grpc.RpcError as exc:
+            status = exc.code().name
+        elapsed = time.monotonic() - start
+    assert status in ("OK", "INVALID_ARGUMENT") and elapsed < 2.5, (status, elapsed)
+    assert [a for a in answers if a.infer_response.id == "r0" and not a.error_message], answers  # out of order
+    tiny_client = grpcclient.InferenceServerClient(server.grpc_address)
+    assert tiny_client.is_model_ready(fuzzing.MODEL)
+    tiny_client.close()

@@ -174,6 +174,8 @@ class Batcher(Generic[T, R]):
         if self._closing:
             raise Unavailable("model is unloading", retry_after_s=1)
         if len(self._queue) + self._expected >= self.max_queue_size:
+            self._drop_abandoned()
+        if len(self._queue) + self._expected >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
         now = time.monotonic()
         self.planner.refuse_late(now=now, arrived=now if arrived is None else arrived, deadline=deadline, rows=rows,
@@ -291,6 +293,21 @@ class Batcher(Generic[T, R]):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    def _drop_abandoned(self) -> None:
+        """Entries nobody waits for (cancelled, or past their deadline) leave a full queue now, not
+        when the worker reaches them: they must not hold places that live requests could take."""
+        now = time.monotonic()
+        kept: deque[_Entry[T]] = deque()
+        for entry in self._queue:
+            expired = entry.deadline is not None and now > entry.deadline
+            if entry.future.done() or expired:
+                if not entry.future.done():
+                    entry.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
+                self._queued_rows -= entry.rows
+            else:
+                kept.append(entry)
+        self._queue = kept
 
     def _take(self, cap: int) -> list[_Entry[T]]:
         batch: list[_Entry[T]] = []

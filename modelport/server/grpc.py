@@ -31,6 +31,30 @@ from modelport.server.admin import check_token
 logger = logging.getLogger("modelport.server")
 
 
+class _Malformed:
+    """What a message that does not parse becomes: the handler answers INVALID_ARGUMENT."""
+    model_name = model_version = id = name = version = ""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _lenient(message_class):
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return _Malformed(message_class.DESCRIPTOR.full_name)
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _Malformed):
+        raise BadInput(f"the message is not a valid {request.type_name}")
+
+
 def _answers(method):
     """Errors -> gRPC status codes with the error's kind; a bug -> INTERNAL, logged. An inference
     call is counted in the request metrics (protocol "grpc"), by the HTTP status of its outcome."""
@@ -38,6 +62,7 @@ def _answers(method):
     async def wrapper(self, request, context):
         started, version, status = time.monotonic(), None, 500
         try:
+            _check_parsed(request)
             response = await method(self, request, context)
             version, status = getattr(response, "model_version", None), 200
             return response
@@ -113,7 +138,11 @@ def servicer_class():
 
         @_answers
         async def ModelInfer(self, request, context):
-            return await self._infer(request, context.time_remaining())
+            self._metrics.in_flight.inc()  # beside HTTP's: the load a worker reports
+            try:
+                return await self._infer(request, context.time_remaining())
+            finally:
+                self._metrics.in_flight.dec()
 
         async def ModelStreamInfer(self, request_iterator, context):
             """Each request runs as it arrives; answers go back as they are ready (out of order,
@@ -122,6 +151,7 @@ def servicer_class():
             tasks: set[asyncio.Task] = set()
 
             async def one(request):
+                self._metrics.in_flight.inc()
                 try:
                     response = await self._infer(request, context.time_remaining())
                     await answers.put(messages.ModelStreamInferResponse(infer_response=response))
@@ -132,14 +162,18 @@ def servicer_class():
                 except Exception:
                     logger.exception("gRPC stream request failed")
                     await answers.put(messages.ModelStreamInferResponse(error_message="internal error"))
+                finally:
+                    self._metrics.in_flight.dec()
 
             async def read():
-                async for request in request_iterator:
-                    task = asyncio.ensure_future(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-                await answers.put(None)
+                try:
+                    async for request in request_iterator:
+                        task = asyncio.ensure_future(one(request))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                finally:  # the client's end of the stream, or a message that broke it: answer what came
+                    await answers.put(None)
 
             reader = asyncio.ensure_future(read())
             try:
@@ -151,6 +185,7 @@ def servicer_class():
                     task.cancel()
 
         async def _infer(self, request, remaining_s: float | None):
+            _check_parsed(request)
             routing = self._routing
             # Refuse before decoding anything (as over HTTP), then pick routed: a canary's pick, once.
             routing.get(request.model_name, request.model_version or None, routed=False).admit()
@@ -209,7 +244,17 @@ async def start(state, host: str, port: int, max_message_bytes: int):
     _, stubs = codec.messages()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
-    stubs.add_GRPCInferenceServiceServicer_to_server(servicer_class()(state), server)
+    messages, _ = codec.messages()
+    servicer = servicer_class()(state)
+    service = messages.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(messages, method.input_type.name)
+        response_class = getattr(messages, method.output_type.name)
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound
