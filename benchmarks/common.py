@@ -86,3 +86,23 @@ def peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def v2_classify_requests(datas: list[bytes], labels: list[str], model: str) -> list[tuple[bytes, object]]:
+    """Raw HTTP requests for ``loadgen``: each JPEG as KServe V2 binary ``image_bytes`` with the
+    classification extension (top 1), paired with a check that the answer's label is the expected one."""
+    import json
+    import struct
+
+    import loadgen
+
+    requests = []
+    for data, label in zip(datas, labels):
+        blob = struct.pack("<I", len(data)) + data
+        header = json.dumps({"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(blob)}}],
+                             "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode()
+        raw = loadgen.request_bytes("POST", f"/v2/models/{model}/infer", header + blob,
+                                    {"Inference-Header-Content-Length": str(len(header))})
+        requests.append((raw, lambda b, label=label: json.loads(b)["outputs"][0]["data"][0].split(":", 2)[2] == label))
+    return requests

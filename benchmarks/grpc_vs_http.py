@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
-from common import photo_files  # noqa: E402
+from common import photo_files, v2_classify_requests  # noqa: E402
 from http_server import free_port, start_server  # noqa: E402
 
 from modelport.engine.model import Model  # noqa: E402
@@ -113,15 +112,7 @@ def main() -> None:
         proc, _ = start_server(["--grpc-port", str(gport)], port, tmp / "server.log")
         grequests = [(codec.infer_request(default_model.NAME, None, [d], [("probabilities", 1)]), label)
                      for d, label in zip(datas, labels)]
-        hrequests = []
-        for data, label in zip(datas, labels):
-            blob = struct.pack("<I", len(data)) + data
-            header = json.dumps({"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
-                                             "parameters": {"binary_data_size": len(blob)}}],
-                                 "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode()
-            raw = loadgen.request_bytes("POST", f"/v2/models/{default_model.NAME}/infer", header + blob,
-                                        {"Inference-Header-Content-Length": str(len(header))})
-            hrequests.append((raw, lambda b, label=label: json.loads(b)["outputs"][0]["data"][0].split(":", 2)[2] == label))
+        hrequests = v2_classify_requests(datas, labels, default_model.NAME)
         asyncio.run(grpc_closed_loop(gport, grequests, 8, 48))
         loadgen.run(port, hrequests, concurrency=8, count=48)
         g_rates, h_rates, g_wrong, h_wrong = [], [], 0, 0

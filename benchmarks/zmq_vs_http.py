@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import zmq.asyncio
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import loadgen  # noqa: E402
-from common import photo_files  # noqa: E402
+from common import photo_files, v2_classify_requests  # noqa: E402
 from http_server import free_port, start_server  # noqa: E402
 
 from modelport.packaged import default_model  # noqa: E402
@@ -121,15 +120,7 @@ def main() -> None:
         port, zport = free_port(), free_port()
         proc, _ = start_server(["--zmq-port", str(zport)], port, tmp / "server.log")
         zrequests = [({"op": "classify", "images": [d], "top_k": 1}, label) for d, label in zip(datas, labels)]
-        hrequests = []
-        for data, label in zip(datas, labels):
-            blob = struct.pack("<I", len(data)) + data
-            header = json.dumps({"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
-                                             "parameters": {"binary_data_size": len(blob)}}],
-                                 "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode()
-            raw = loadgen.request_bytes("POST", f"/v2/models/{default_model.NAME}/infer", header + blob,
-                                        {"Inference-Header-Content-Length": str(len(header))})
-            hrequests.append((raw, lambda b, label=label: json.loads(b)["outputs"][0]["data"][0].split(":", 2)[2] == label))
+        hrequests = v2_classify_requests(datas, labels, default_model.NAME)
         asyncio.run(zmq_closed_loop(zport, zrequests, 8, 48))
         loadgen.run(port, hrequests, concurrency=8, count=48)
         # Alternate the two so that the machine's drift hits both alike.
