@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "modelport"
 # a layer do not import each other.
 LAYERS = [
     {"errors"},  # the error classes every layer raises
-    {"untrusted", "memory", "home", "folders", "samples"},  # cross-cutting helpers
+    {"untrusted", "memory", "home", "folders", "samples", "telemetry"},  # cross-cutting helpers
     {"runtime"},  # engines (ONNX Runtime, OpenVINO, PyTorch, Python) and devices
     {"repository"},  # what lies on disk: bundle format, repository layout, model.toml
     {"engine"},  # one model at work: decode, batch, run, predictions; the Servable interface

@@ -22,6 +22,11 @@ from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines.")
 @click.option("--port", "-p", type=int, default=12480, show_default=True)
 @click.option("--zmq-port", type=int, default=None, help="Also serve the same models over ZeroMQ on this port (e.g. 12490).")
+@click.option("--otlp-endpoint", default=None,
+              help="Send traces (OpenTelemetry, OTLP/HTTP) to this receiver, e.g. http://127.0.0.1:4318 "
+                   "(also $OTEL_EXPORTER_OTLP_ENDPOINT).")
+@click.option("--trace-sample", type=click.FloatRange(0, 1), default=None,
+              help="Share of new traces sampled; a request that arrives traced follows its caller (default 0.01).")
 @click.option("--grpc-port", type=int, default=None,
               help="Also serve the same models over gRPC (the Open Inference Protocol, Triton's and KServe's) on this port "
                    "(e.g. 8001).")
@@ -70,7 +75,8 @@ from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
               help="With --cluster, on SIGTERM: keep serving this long after announcing 'draining'.")
 @LOG_LEVEL_OPTION
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
-          port: int, zmq_port: int | None, grpc_port: int | None, max_batch_size, max_delay_ms, max_queue_size, concurrent_batches,
+          port: int, zmq_port: int | None, otlp_endpoint: str | None, trace_sample: float | None,
+          grpc_port: int | None, max_batch_size, max_delay_ms, max_queue_size, concurrent_batches,
           latency_slo_ms, timeout_ms, max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s,
           write_timeout_s, runtime_threads, device, engine, precision, model_name, cluster, advertise, lease_ttl_s,
           drain_s, log_level) -> None:
@@ -118,7 +124,8 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
     else:
         bundles = None  # a repository: followed while serving
     config = ServerConfig(
-        host=host, port=port, zmq_port=zmq_port, grpc_port=grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
+        host=host, port=port, zmq_port=zmq_port, grpc_port=grpc_port, otlp_endpoint=otlp_endpoint,
+        trace_sample=trace_sample, max_body_bytes=int(max_body_mb * 1024 * 1024), timeout_ms=timeout_ms,
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
         runtime_threads=runtime_threads, device=device, engine=engine, precision=precision, log_level=log_level,
         max_images_per_request=max_images_per_request, cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s,

@@ -13,9 +13,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from modelport.client.common import (DEFAULT_MODEL, ClientTimeout, ImageLike, http_inputs, image_bytes, infer_path,
-                                     metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions, zmq_request,
-                                     zmq_result)
+from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ImageLike, client_span, http_inputs, image_bytes,
+                                     infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
+                                     zmq_request, zmq_result)
+from modelport import telemetry
 from modelport.engine.predictions import Prediction
 from modelport.protocol import v2, wire
 from modelport.protocol.errors import error_from_http
@@ -64,6 +65,10 @@ class AsyncClient:
                             version: str | int | None = None) -> list[list[Prediction]]:
         data = [image_bytes(i) for i in images]
         model = model or self.model
+        with self._span("classify", model):
+            return await self._classify_many(data, top_k, model, version)
+
+    async def _classify_many(self, data: list[bytes], top_k: int, model: str, version) -> list[list[Prediction]]:
         if self.kind == "discovery":
             return await self.discovery.call(model, version, lambda worker: worker.classify_many(
                 data, top_k=top_k, model=model, version=version))
@@ -77,6 +82,13 @@ class AsyncClient:
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray] | Sequence[ImageLike], *,
                     outputs: Sequence[str] | None = None, version: str | int | None = None) -> dict[str, np.ndarray]:
+        with self._span("infer", model):
+            return await self._infer(model, inputs, outputs, version)
+
+    def _span(self, operation: str, model: str):
+        return client_span(operation, model, self.kind, self._address)
+
+    async def _infer(self, model: str, inputs, outputs, version) -> dict[str, np.ndarray]:
         if self.kind == "discovery":
             if not isinstance(inputs, Mapping):
                 inputs = [image_bytes(i) for i in inputs]  # read files once, whatever the retries
@@ -136,6 +148,7 @@ class AsyncClient:
         if self._receiver is None:
             self._receiver = asyncio.get_running_loop().create_task(self._receive())
         request["id"] = request_id = next(self._ids)
+        telemetry.inject(request)  # the trace goes on in the worker (the frame's traceparent field)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
@@ -173,7 +186,7 @@ class AsyncClient:
 
     async def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
         status, content, reply_headers = await self._request("POST", infer_path(model, version), data=body,
-                                                             headers=headers)
+                                                             headers=telemetry.inject(dict(headers)))
         if status != 200:
             raise error_from_http(status, content, reply_headers)
         return v2.decode_response(content, reply_headers)

@@ -92,3 +92,13 @@ def metadata_path(model: str, version: str | int | None) -> str:
 
 def infer_path(model: str, version: str | int | None) -> str:
     return metadata_path(model, version) + "/infer"
+
+
+def client_span(operation: str, model: str, kind: str, address: str):
+    """A client span per call (``modelport.client classify``): over etcd://, one for the call and
+    one per attempt on a worker (the worker's own client)."""
+    from modelport import telemetry
+
+    return telemetry.span(f"modelport.client {operation}", kind="client", attributes={
+        "modelport.model": model, "modelport.transport": kind,
+        **({} if kind == "discovery" else {"server.address": address})})

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from modelport.client.common import ClientTimeout, ImageLike, http_inputs
+from modelport import telemetry
 from modelport.engine.predictions import Prediction
 from modelport.protocol import grpc as codec
 from modelport.protocol import v2
@@ -60,7 +61,7 @@ class GrpcTransport:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
         except self._grpc.RpcError as exc:
             if exc.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED and not exc.trailing_metadata():
                 raise ClientTimeout(f"no reply from {self.address} in {self.timeout_s} s") from None
@@ -106,7 +107,7 @@ class AsyncGrpcTransport(GrpcTransport):
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
         except self._grpc.RpcError as exc:
             if exc.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED and not exc.trailing_metadata():
                 raise ClientTimeout(f"no reply from {self.address} in {self.timeout_s} s") from None

@@ -14,9 +14,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from modelport.client.aio import AsyncClient
-from modelport.client.common import (DEFAULT_MODEL, ClientTimeout, ImageLike, http_inputs, image_bytes,
+from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ImageLike, client_span, http_inputs, image_bytes,
                                      infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
                                      zmq_request, zmq_result)
+from modelport import telemetry
 from modelport.engine.predictions import Prediction
 from modelport.protocol import v2, wire
 from modelport.protocol.errors import error_from_http
@@ -77,6 +78,13 @@ class Client:
                       version: str | int | None = None) -> list[list[Prediction]]:
         data = [image_bytes(i) for i in images]
         model = model or self.model
+        with self._span("classify", model):
+            return self._classify_many(data, top_k, model, version)
+
+    def _span(self, operation: str, model: str):
+        return client_span(operation, model, self.kind, self._address)
+
+    def _classify_many(self, data: list[bytes], top_k: int, model: str, version) -> list[list[Prediction]]:
         if self.kind == "discovery":
             return self._loop.run(self._async.classify_many(data, top_k=top_k, model=model, version=version))
         if self.kind == "grpc":
@@ -90,6 +98,10 @@ class Client:
     def infer(self, model: str, inputs: Mapping[str, np.ndarray] | Sequence[ImageLike], *,
               outputs: Sequence[str] | None = None, version: str | int | None = None) -> dict[str, np.ndarray]:
         """Raw tensors in (``{"image": array}``) or encoded images in (a list), arrays out."""
+        with self._span("infer", model):
+            return self._infer(model, inputs, outputs, version)
+
+    def _infer(self, model: str, inputs, outputs, version) -> dict[str, np.ndarray]:
         if self.kind == "discovery":
             return self._loop.run(self._async.infer(model, inputs, outputs=outputs, version=version))
         if self.kind == "grpc":
@@ -142,6 +154,7 @@ class Client:
     def _call(self, request: dict) -> dict:
         with self._lock:
             request["id"] = request_id = next(self._ids)
+            telemetry.inject(request)  # the trace goes on in the worker (the frame's traceparent field)
             self._socket.send(wire.pack(request))
             deadline = time.monotonic() + self.timeout_s
             while True:
@@ -161,7 +174,7 @@ class Client:
         import httpx
 
         try:
-            response = self._http.post(infer_path(model, version), content=body, headers=headers)
+            response = self._http.post(infer_path(model, version), content=body, headers=telemetry.inject(dict(headers)))
         except httpx.TimeoutException:
             raise ClientTimeout(f"no reply from {self._address} in {self.timeout_s} s") from None
         if response.status_code != 200:

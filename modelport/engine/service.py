@@ -14,6 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from modelport import telemetry
 from modelport.engine.batching import Batcher, BatchInfo, Cores
 from modelport.repository.bundle import Serving
 from modelport.errors import BadInput, DeadlineExceeded, Overloaded, Unavailable
@@ -44,6 +45,7 @@ class _Item:
     is_crop: bool
     timing: Timing
     started: bool = False  # its batch has reached the runtime
+    trace: object = None  # the request's span context, when it is traced: its batch's span links to it
 
 
 class ModelService:
@@ -123,6 +125,7 @@ class ModelService:
             crops = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._decode_all, images, input_name)
             timing.decode_s = time.monotonic() - start
+            telemetry.interval("modelport.decode", start, start + timing.decode_s, {"modelport.images": len(images)})
             if self._observer is not None:
                 self._observer.observe_decode(self.name, timing.decode_s)
         outputs = await self._submit(crops, True, deadline, timing)
@@ -192,7 +195,8 @@ class ModelService:
         # items of at most a batch (a runtime's memory grows with the largest batch shape it has
         # seen, and does not give it back; with batches side by side, at most a thin batch).
         step = self.batcher.item_rows
-        items = [_Item(array[i:i + step], is_crop, timing) for i in range(0, len(array), step)]
+        trace = telemetry.current_context()
+        items = [_Item(array[i:i + step], is_crop, timing, trace=trace) for i in range(0, len(array), step)]
         try:
             # The deadline holds during compute too: a hung or slow model call is answered 504 at
             # the deadline (its batch runs on; the answer is dropped) instead of holding the client.
@@ -217,6 +221,8 @@ class ModelService:
         self.stats.success_ns += int((time.monotonic() - timing.arrived) * 1e9)
         if self.probe is not None:
             self.probe(True, time.monotonic() - timing.arrived)
+        telemetry.interval("modelport.queue", timing.enqueued, timing.enqueued + timing.queue_s,
+                           {"modelport.model": self.name})
         return result
 
     async def _submit_items(self, items: list[_Item], deadline: float | None) -> dict[str, np.ndarray]:
@@ -247,9 +253,18 @@ class ModelService:
         for item in items:
             item.timing.queue_s = 0.0
             item.started = True
-        outputs = self._run_sync(items)
+        with self._batch_span(items, thin=False):
+            outputs = self._run_sync(items)
         self._observe_run(items, started)
         return outputs
+
+    def _batch_span(self, items: Sequence[_Item], thin: bool):
+        """One span per batch, linked to every traced request in it (docs/tracing.md)."""
+        return telemetry.batch_span(f"modelport.batch {self.name}", [item.trace for item in items], {
+            "modelport.model": self.name, "modelport.version": str(self.version),
+            "modelport.batch.rows": sum(len(item.array) for item in items), "modelport.batch.requests": len(items),
+            "modelport.engine": getattr(self.model, "engine", ""), "modelport.precision": getattr(self.model, "precision", ""),
+            "modelport.batch.thin": thin})
 
     def _observe_run(self, items: Sequence[_Item], started: float) -> None:
         elapsed = time.monotonic() - started
@@ -262,10 +277,11 @@ class ModelService:
         for item in items:
             item.timing.queue_s = started - item.timing.enqueued
             item.started = True
-        if self._fast():
-            outputs = self._run_sync(items)
-        else:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items, thin)
+        with self._batch_span(items, thin):
+            if self._fast():
+                outputs = self._run_sync(items)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._run_sync, items, thin)
         self._observe_run(items, started)
         return outputs
 

@@ -12,6 +12,7 @@ from the same decoded image).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from modelport import telemetry
 from modelport.engine import imaging
 from modelport.repository.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
@@ -257,6 +259,13 @@ class PipelineService:
         check_deadline(deadline)
         step_timing = Timing()
         timing.steps.append((service.name, step_timing))
+        with telemetry.span(f"modelport.pipeline.step {service.name}", attributes={
+                "modelport.pipeline": self.name, "modelport.model": service.name}) if telemetry.serving() \
+                else contextlib.nullcontext():
+            return await self._step_in(service, source, rows, deadline, step_timing, keep_decoded)
+
+    async def _step_in(self, service, source, rows: np.ndarray, deadline, step_timing: Timing,
+                       keep_decoded: bool) -> dict[str, np.ndarray]:
         if isinstance(source, _Tensor):
             return await service.infer_tensor(source.take(rows), deadline=deadline, timing=step_timing)
         if isinstance(service, PipelineService):  # a nested pipeline decodes for its own steps
@@ -311,6 +320,7 @@ class _Images:
                 crops, kept = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._decode, spec, missing, keep_decoded)
                 self._timing.decode_s += time.monotonic() - start
+                telemetry.interval("modelport.decode", start, time.monotonic(), {"modelport.images": len(missing)})
                 cache.update(zip(missing, crops))
                 for i, decoded in kept.items():
                     self.forget([i])

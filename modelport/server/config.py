@@ -52,3 +52,5 @@ class ServerConfig:
     lease_ttl_s: int = 3  # member key lifetime in etcd without refresh (a dead worker's key goes after this)
     drain_s: float = 3.0  # SIGTERM in a cluster: serve on this long after announcing "draining"
     log_level: str = "info"
+    otlp_endpoint: str | None = None  # OTLP/HTTP receiver of traces; None: OTEL_EXPORTER_OTLP_ENDPOINT, or off
+    trace_sample: float | None = None  # share of new traces sampled (parent-based); None: 0.01 or OTEL_TRACES_SAMPLER

@@ -27,6 +27,7 @@ from modelport.protocol import grpc as codec
 from modelport.protocol import v2
 from modelport.server import kserve
 from modelport.server.admin import check_token
+from modelport.server.tracing import traced_request
 
 logger = logging.getLogger("modelport.server")
 
@@ -140,7 +141,7 @@ def servicer_class():
         async def ModelInfer(self, request, context):
             self._metrics.in_flight.inc()  # beside HTTP's: the load a worker reports
             try:
-                return await self._infer(request, context.time_remaining())
+                return await self._infer(request, context.time_remaining(), dict(context.invocation_metadata() or ()))
             finally:
                 self._metrics.in_flight.dec()
 
@@ -153,7 +154,8 @@ def servicer_class():
             async def one(request):
                 self._metrics.in_flight.inc()
                 try:
-                    response = await self._infer(request, context.time_remaining())
+                    response = await self._infer(request, context.time_remaining(),
+                                                 dict(context.invocation_metadata() or ()))
                     await answers.put(messages.ModelStreamInferResponse(infer_response=response))
                 except ModelportError as exc:
                     await answers.put(messages.ModelStreamInferResponse(
@@ -184,12 +186,16 @@ def servicer_class():
                 for task in list(tasks):
                     task.cancel()
 
-        async def _infer(self, request, remaining_s: float | None):
+        async def _infer(self, request, remaining_s: float | None, metadata: dict):
             _check_parsed(request)
             routing = self._routing
             # Refuse before decoding anything (as over HTTP), then pick routed: a canary's pick, once.
             routing.get(request.model_name, request.model_version or None, routed=False).admit()
             service = routing.get(request.model_name, request.model_version or None, routed=True)
+            with traced_request(service, "grpc", metadata):
+                return await self._infer_with(service, request, remaining_s)
+
+        async def _infer_with(self, service: Servable, request, remaining_s: float | None):
             timing = Timing()
             timeout_s = self._state.config.timeout_ms / 1000
             deadline = timing.arrived + (min(timeout_s, remaining_s) if remaining_s is not None else timeout_s)

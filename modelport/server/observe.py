@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
+from modelport import telemetry
 from modelport.server.metrics import Metrics
 
 
@@ -15,6 +17,23 @@ def _protocol(path: str) -> str:
     if path == "/":
         return "upload"
     return "other"
+
+
+def _inference(scope) -> bool:
+    """Requests that get a span: inference, not health checks, metadata or scrapes."""
+    path = scope["path"]
+    return scope["method"] == "POST" and (path == "/" or path.startswith(("/v2/models/", "/v1/models/")))
+
+
+def _describe(span, model: str | None, version, status: int) -> None:
+    """The request span's name and attributes, once the request knows its model (docs/tracing.md)."""
+    if model is not None:
+        span.update_name(f"modelport.request {model}")
+        span.set_attribute("modelport.model", model)
+        span.set_attribute("modelport.version", str(version))
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        telemetry.fail(span, f"HTTP {status}")
 
 
 class Observe:
@@ -48,11 +67,19 @@ class Observe:
             await send(message)
 
         self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            self.metrics.in_flight.dec()
-            model = state.get("model")
-            if model is not None:  # only model requests: health checks and metrics scrapes are noise
-                self.metrics.observe_request(model, state["version"], _protocol(scope["path"]), status,
-                                             time.monotonic() - start)
+        traced = contextlib.nullcontext()
+        if telemetry.serving() and _inference(scope):
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            traced = telemetry.span("modelport.request", kind="server", parent=telemetry.extract(headers),
+                                    attributes={"modelport.protocol": _protocol(scope["path"])})
+        with traced as span:
+            try:
+                await self.app(scope, receive, observed_send)
+            finally:
+                self.metrics.in_flight.dec()
+                model = state.get("model")
+                if model is not None:  # only model requests: health checks and metrics scrapes are noise
+                    self.metrics.observe_request(model, state["version"], _protocol(scope["path"]), status,
+                                                 time.monotonic() - start)
+                if span is not None:
+                    _describe(span, model, state.get("version"), status)

@@ -18,6 +18,7 @@ import zmq.asyncio
 from modelport import untrusted
 
 from modelport.protocol import wire
+from modelport.server.tracing import traced_request
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
 from modelport.lifecycle.routing import RoutingTable
 from modelport.engine.servable import Servable, Timing
@@ -94,7 +95,8 @@ class RpcServer:
             else:
                 service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
                     if request.get("model") else self._models().default()
-                reply = await self._infer(service, op, request)
+                with traced_request(service, "zmq", request):
+                    reply = await self._infer(service, op, request)
             status = 200
         except ModelportError as exc:
             reply = {"id": request_id, "ok": False, "error": wire.error_to_wire(exc)}

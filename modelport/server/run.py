@@ -18,6 +18,7 @@ from typing import Callable
 
 import uvicorn
 
+from modelport import telemetry
 from modelport.errors import ModelportError
 from modelport.server.app import create_app
 from modelport.server.cluster import worker_id
@@ -68,6 +69,8 @@ def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, confi
     port = listener.getsockname()[1]
     config = replace(config, port=port, worker_id=config.worker_id or worker_id(port))
     logger.info("listening on %s:%d as worker %s", config.host, port, config.worker_id)
+    if telemetry.configure(config.otlp_endpoint, config.trace_sample, service=f"modelport {config.worker_id}"):
+        logger.info("tracing to %s", config.otlp_endpoint or "OTEL_EXPORTER_OTLP_ENDPOINT")
     app = create_app(bundles, config, repository=repository, watch=watch)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", lifespan="on",
@@ -78,7 +81,10 @@ def serve(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, confi
     )
     server = _Server(uv_config, app)
     app.state.stop = lambda: setattr(server, "should_exit", True)
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    finally:
+        telemetry.shutdown()  # the spans still buffered go out
     if getattr(app.state, "load_failed", False):
         raise SystemExit(2)
 
