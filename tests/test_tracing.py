@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import make_tiny_bundle
-from servers import Server, free_port, wait_until
+from servers import Server, wait_until
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
