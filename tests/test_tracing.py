@@ -169,22 +169,33 @@ def test_without_an_endpoint_nothing_is_traced(tmp_path):
         receiver.close()
 
 
-def test_the_trace_goes_through_the_balancer_to_a_worker(cluster):
+def test_one_trace_goes_from_the_client_through_the_balancer_and_a_worker_to_the_pipeline_steps_batches(
+        cluster, tmp_path):
     """HAProxy in `modelport balance` passes traceparent through: the worker's request span is the
-    client's child."""
+    client's child, and the pipeline's steps and batches follow in the same trace."""
     receiver = Receiver()
+    repo = tmp_path / "repo"
+    for name, seed in (("cheap", 0), ("accurate", 1)):
+        make_tiny_bundle(repo / name / "1", seed=seed, serving={"top_k": 3, "max_delay_ms": 0})
+    (repo / "smart").mkdir()
+    (repo / "smart" / "pipeline.toml").write_text('kind = "cascade"\nsteps = ["cheap", "accurate"]\nescalate_below = 1\n')
     try:
-        cluster.start_worker("--otlp-endpoint", receiver.url, "--trace-sample", "1")
+        cluster.start_worker("--otlp-endpoint", receiver.url, "--trace-sample", "1", repo=repo)
         balancer = cluster.start_balancer()
         wait_until(lambda: len(balancer.servers()) == 1, 10, what="HAProxy has the worker")
-        script = CLIENT.replace('model="smart"', 'model="tiny"')
-        result = subprocess.run([sys.executable, "-c", script, balancer.url, receiver.url], capture_output=True,
+        result = subprocess.run([sys.executable, "-c", CLIENT, balancer.url, receiver.url], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         trace_id = result.stdout.strip()
-        wait_until(lambda: receiver.named("modelport.batch tiny"), 15, what="the worker's spans")
+        wait_until(lambda: len(receiver.named("modelport.batch")) >= 2, 15, what="the worker's spans")
         spans = {s["name"]: s for s in receiver.spans if s["trace"] == trace_id}
-        assert spans["modelport.request tiny"]["parent"] == spans["modelport.client classify"]["id"]
-        assert spans["modelport.batch tiny"]["trace"] == trace_id
+        assert {s["trace"] for s in receiver.spans} == {trace_id}
+        assert spans["modelport.client classify"]["parent"] == spans["app.work"]["id"]
+        assert spans["modelport.client classify"]["attributes"]["server.address"] == balancer.url
+        request = spans["modelport.request smart"]
+        assert request["parent"] == spans["modelport.client classify"]["id"]
+        for step in ("cheap", "accurate"):
+            assert spans[f"modelport.pipeline.step {step}"]["parent"] == request["id"]
+            assert spans[f"modelport.batch {step}"]["parent"] == spans[f"modelport.pipeline.step {step}"]["id"]
     finally:
         receiver.close()
