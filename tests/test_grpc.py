@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -338,3 +339,15 @@ def test_a_malformed_message_in_a_stream_ends_it_at_once_not_at_the_deadline(har
     tiny_client = grpcclient.InferenceServerClient(server.grpc_address)
     assert tiny_client.is_model_ready(fuzzing.MODEL)
     tiny_client.close()
+
+
+def test_a_callers_made_up_versions_never_become_metric_labels(hardened_server):
+    server, _ = hardened_server
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    for i in range(5):
+        with pytest.raises(InferenceServerException):
+            client.infer(fuzzing.MODEL, [images_input(fuzzing.png(i))], model_version=f"made-up-{i}")
+    client.close()
+    text = httpx.get(server.url + "/metrics").text
+    assert "made-up" not in text
+    assert 'protocol="grpc"' in text  # the calls were counted, with a version the server knows ("-")

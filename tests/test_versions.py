@@ -541,3 +541,30 @@ def test_a_model_with_no_rollout_has_none_to_show_promote_or_abort(repository):
                 call("a")
 
     run(repository, scenario)
+
+
+def test_a_model_removed_before_its_files_settled_does_not_hold_start_up(repository):
+    make_tiny_bundle(repository.root / "m" / "3")
+    make_tiny_bundle(repository.root / "a" / "1")
+
+    async def scenario():
+        await repository.manager.sync()
+        assert repository.watcher.unsettled("m")
+        shutil.rmtree(repository.root / "m")
+        await asyncio.wait_for(repository.manager.load_initial(), 10)  # returned: it did not wait for "m"
+        assert repository.states("a") == {1: State.READY} and not repository.watcher.unsettled()
+
+    run(repository, scenario)
+
+
+def test_publishing_next_to_a_stray_file_named_like_the_next_version_is_an_error_not_a_loop(tmp_path):
+    from modelport.errors import BundleError
+    from modelport.repository import layout
+
+    make_tiny_bundle(tmp_path / "m" / "1")
+    (tmp_path / "m" / "2").write_text("not a version")
+    staging = tmp_path / "m" / ".staging"
+    staging.mkdir()
+    with pytest.raises(BundleError, match="in the way of version 2"):
+        layout.publish(tmp_path / "m", staging, lambda version: None)
+    assert staging.is_dir()  # left to the caller to remove, as on any failure

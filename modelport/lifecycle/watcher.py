@@ -62,6 +62,10 @@ class RepositoryWatcher:
                 logger.warning("ignoring %s: it points outside the repository", child)
                 continue
             found[child.name] = child
+        # A model gone from disk has nothing left to settle (else start-up would wait for it forever).
+        for key in [k for k in self._seen if k[0] not in found]:
+            del self._seen[key]
+        self._unsettled = {k for k in self._unsettled if k[0] in found}
         return found
 
     def versions(self, name: str, model_dir: Path) -> Versions:
@@ -79,6 +83,7 @@ class RepositoryWatcher:
                 continue
             if not (version_dir / CONFIG_FILE).is_file():
                 self._seen.pop(key, None)
+                self._unsettled.discard(key)
                 continue
             if self._settled(key, version_dir):
                 complete[key[1]] = version_dir

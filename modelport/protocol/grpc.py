@@ -145,5 +145,8 @@ def error_from_grpc(exc) -> ModelportError:
     trailing = dict(exc.trailing_metadata() or ())
     status = exc.code().name
     kind = trailing.get("kind") or next((k for k, s in STATUS_BY_KIND.items() if s == status), "internal")
-    return error_from_wire({"kind": kind, "message": exc.details() or status,
-                            "retry_after_s": float(trailing.get("retry-after", 1))})
+    try:
+        retry_after_s = float(trailing.get("retry-after", 1))
+    except ValueError:  # another server's way of saying it
+        retry_after_s = 1.0
+    return error_from_wire({"kind": kind, "message": exc.details() or status, "retry_after_s": retry_after_s})

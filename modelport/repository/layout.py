@@ -8,7 +8,7 @@ from pathlib import Path
 from modelport import untrusted
 
 from modelport.repository.bundle import CONFIG_FILE
-from modelport.errors import BadInput, NotFound
+from modelport.errors import BadInput, BundleError, NotFound
 
 
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -91,5 +91,8 @@ def publish(model_dir: Path, staging: Path, configure) -> int:
             staging.rename(model_dir / str(version))  # fails if another run took this number first
             return version
         except OSError:
-            if not (model_dir / str(version)).exists():
+            taken = model_dir / str(version)
+            if not taken.exists():
                 raise
+            if not taken.is_dir():  # not a version another run published: a stray file in the way
+                raise BundleError(f"{taken} is in the way of version {version}: it is not a version directory") from None

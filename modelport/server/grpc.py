@@ -30,6 +30,7 @@ from modelport.server.admin import check_token
 from modelport.server.tracing import traced_request
 
 logger = logging.getLogger("modelport.server")
+STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer being worked on at once
 
 
 class _Malformed:
@@ -78,9 +79,8 @@ def _answers(method):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             # Only models it serves: a name from a request is no metric label (unbounded series).
-            if method.__name__ == "ModelInfer" and self._routing.known(request.model_name):
-                self._metrics.observe_request(request.model_name, version or request.model_version or "-", "grpc",
-                                              status, time.monotonic() - started)
+            if method.__name__ == "ModelInfer":
+                self._observe(request, version, status, started)
     return wrapper
 
 
@@ -150,26 +150,37 @@ def servicer_class():
             matched by ``id``), errors as ``error_message`` without ending the stream."""
             answers: asyncio.Queue = asyncio.Queue()
             tasks: set[asyncio.Task] = set()
+            # At most this many requests of one stream in the works: a client that sends without
+            # reading its answers is slowed down, not buffered without end.
+            room = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
             async def one(request):
                 self._metrics.in_flight.inc()
+                started, version, status = time.monotonic(), None, 500
                 try:
                     response = await self._infer(request, context.time_remaining(),
                                                  dict(context.invocation_metadata() or ()))
+                    version, status = response.model_version, 200
                     await answers.put(messages.ModelStreamInferResponse(infer_response=response))
-                except ModelportError as exc:
+                except Exception as exc:
+                    if isinstance(exc, ModelportError):
+                        message, status = exc.message, exc.status
+                    else:
+                        logger.exception("gRPC stream request failed")
+                        message = "internal error"
+                    # Answers come back out of order: an error names its request too.
                     await answers.put(messages.ModelStreamInferResponse(
-                        error_message=exc.message, infer_response=messages.ModelInferResponse(
+                        error_message=message, infer_response=messages.ModelInferResponse(
                             model_name=request.model_name, model_version=request.model_version, id=request.id)))
-                except Exception:
-                    logger.exception("gRPC stream request failed")
-                    await answers.put(messages.ModelStreamInferResponse(error_message="internal error"))
                 finally:
                     self._metrics.in_flight.dec()
+                    self._observe(request, version, status, started)
+                    room.release()
 
             async def read():
                 try:
                     async for request in request_iterator:
+                        await room.acquire()
                         task = asyncio.ensure_future(one(request))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
@@ -208,6 +219,14 @@ def servicer_class():
             answers = [(n, outputs[n] if k is None else kserve.classification(service, outputs[n], k)) for n, k in asked]
             return codec.response(service.name, service.version, answers, request_id=request.id,
                                   answered_by=",".join(timing.answered_by))
+
+        def _observe(self, request, version: str | None, status: int, started: float) -> None:
+            """Count an inference call in the request metrics, labelled only with what the server
+            knows (a served model; the version that answered): never a value a caller made up."""
+            if isinstance(request, _Malformed) or not self._routing.known(request.model_name):
+                return
+            self._metrics.observe_request(request.model_name, version or "-", "grpc", status,
+                                          time.monotonic() - started)
 
         def _service(self, name: str, version: str) -> Servable:
             return self._routing.get(name, version or None, routed=False)
