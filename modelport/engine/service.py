@@ -6,6 +6,7 @@ HTTP and ZeroMQ both call the same ``ModelService``: the same queue, limits and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -260,6 +261,8 @@ class ModelService:
 
     def _batch_span(self, items: Sequence[_Item], thin: bool):
         """One span per batch, linked to every traced request in it (docs/tracing.md)."""
+        if all(item.trace is None for item in items):  # not traced: nothing to build
+            return contextlib.nullcontext()
         return telemetry.batch_span(f"modelport.batch {self.name}", [item.trace for item in items], {
             "modelport.model": self.name, "modelport.version": str(self.version),
             "modelport.batch.rows": sum(len(item.array) for item in items), "modelport.batch.requests": len(items),

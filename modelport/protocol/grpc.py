@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from modelport.errors import BadInput, MissingExtra, ModelportError
-from modelport.protocol import v2
+from modelport.protocol import v2, wire
 from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 
 # A gRPC status per error kind: the same kinds as HTTP's statuses and ZeroMQ's error names.
@@ -140,8 +140,6 @@ def infer_outputs(response) -> dict[str, np.ndarray]:
 
 def error_from_grpc(exc) -> ModelportError:
     """A failed call -> the ``modelport.errors`` class of its kind (trailing metadata, else its status)."""
-    from modelport.protocol.wire import error_from_wire
-
     trailing = dict(exc.trailing_metadata() or ())
     status = exc.code().name
     kind = trailing.get("kind") or next((k for k, s in STATUS_BY_KIND.items() if s == status), "internal")
@@ -149,4 +147,4 @@ def error_from_grpc(exc) -> ModelportError:
         retry_after_s = float(trailing.get("retry-after", 1))
     except ValueError:  # another server's way of saying it
         retry_after_s = 1.0
-    return error_from_wire({"kind": kind, "message": exc.details() or status, "retry_after_s": retry_after_s})
+    return wire.error_from_wire({"kind": kind, "message": exc.details() or status, "retry_after_s": retry_after_s})

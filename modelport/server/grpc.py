@@ -18,6 +18,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 import modelport
 from modelport.engine.servable import Servable, Timing
@@ -42,8 +43,6 @@ class _Malformed:
 
 
 def _lenient(message_class):
-    from google.protobuf.message import DecodeError
-
     def parse(data: bytes):
         try:
             return message_class.FromString(data)
@@ -141,7 +140,7 @@ def servicer_class():
         async def ModelInfer(self, request, context):
             self._metrics.in_flight.inc()  # beside HTTP's: the load a worker reports
             try:
-                return await self._infer(request, context.time_remaining(), dict(context.invocation_metadata() or ()))
+                return await self._infer(request, context)
             finally:
                 self._metrics.in_flight.dec()
 
@@ -158,8 +157,7 @@ def servicer_class():
                 self._metrics.in_flight.inc()
                 started, version, status = time.monotonic(), None, 500
                 try:
-                    response = await self._infer(request, context.time_remaining(),
-                                                 dict(context.invocation_metadata() or ()))
+                    response = await self._infer(request, context)
                     version, status = response.model_version, 200
                     await answers.put(messages.ModelStreamInferResponse(infer_response=response))
                 except Exception as exc:
@@ -197,14 +195,14 @@ def servicer_class():
                 for task in list(tasks):
                     task.cancel()
 
-        async def _infer(self, request, remaining_s: float | None, metadata: dict):
+        async def _infer(self, request, context):
             _check_parsed(request)
             routing = self._routing
             # Refuse before decoding anything (as over HTTP), then pick routed: a canary's pick, once.
             routing.get(request.model_name, request.model_version or None, routed=False).admit()
             service = routing.get(request.model_name, request.model_version or None, routed=True)
-            with traced_request(service, "grpc", metadata):
-                return await self._infer_with(service, request, remaining_s)
+            with traced_request(service, "grpc", lambda: context.invocation_metadata() or ()):
+                return await self._infer_with(service, request, context.time_remaining())
 
         async def _infer_with(self, service: Servable, request, remaining_s: float | None):
             timing = Timing()

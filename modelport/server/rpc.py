@@ -95,7 +95,7 @@ class RpcServer:
             else:
                 service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
                     if request.get("model") else self._models().default()
-                with traced_request(service, "zmq", request):
+                with traced_request(service, "zmq", request.items):
                     reply = await self._infer(service, op, request)
             status = 200
         except ModelportError as exc:

@@ -89,8 +89,9 @@ def span(name: str, *, kind: str = "internal", parent=None, links=(), attributes
 
 
 def interval(name: str, start_s: float, end_s: float, attributes: Mapping | None = None) -> None:
-    """A span for a measured interval (``time.monotonic()`` ends), child of the current span."""
-    if trace is None or not trace.get_current_span().is_recording():
+    """A span for a measured interval (``time.monotonic()`` ends), child of the current span
+    (a traced server's engine only: elsewhere it returns at once)."""
+    if not _server_tracing or not trace.get_current_span().is_recording():
         return
     done = _tracer().start_span(name, attributes=dict(attributes or {}), start_time=_epoch_ns(start_s))
     done.end(end_time=_epoch_ns(end_s))
@@ -109,8 +110,8 @@ def batch_span(name: str, requests: list, attributes: Mapping | None = None) -> 
 
 
 def current_context():
-    """The current span's context, to link a batch to its requests (None: nothing recorded)."""
-    if trace is None:
+    """The current span's context, to link a batch to its requests (None: a server not tracing)."""
+    if not _server_tracing:
         return None
     context = trace.get_current_span().get_span_context()
     return context if context.is_valid else None
