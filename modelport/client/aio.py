@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from typing import Mapping, Sequence
+import time
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ImageLike, cl
 from modelport import telemetry
 from modelport.engine.predictions import Prediction
 from modelport.protocol import v2, wire
+from modelport.protocol.load import HEADER, Load, from_text, from_wire
 from modelport.protocol.errors import error_from_http
 
 
@@ -36,6 +38,11 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._receiver: asyncio.Task | None = None
+        # The load the server reported with its latest answer (protocol/load.py), and when: what
+        # discovery weighs a worker by. None until a server that reports it has answered.
+        self.load: Load | None = None
+        self.load_at = 0.0
+        self.on_load: Callable[[Load], None] | None = None  # called with each report as it arrives
         if self.kind == "discovery":
             from modelport.cluster.discovery import Discovery
             from modelport.cluster.members import ClusterURL
@@ -118,7 +125,7 @@ class AsyncClient:
         if self._grpc is None:
             from modelport.client.grpc import AsyncGrpcTransport
 
-            self._grpc = AsyncGrpcTransport(self._address, self.timeout_s)
+            self._grpc = AsyncGrpcTransport(self._address, self.timeout_s, on_load=self._note_load)
         return self._grpc
 
     async def close(self) -> None:
@@ -163,6 +170,8 @@ class AsyncClient:
     async def _receive(self) -> None:
         while True:
             reply = wire.unpack(await self._socket.recv())
+            if isinstance(reply, dict):
+                self._note_load(from_wire(reply.get("load")))
             future = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
             if future is not None and not future.done():
                 future.set_result(reply)
@@ -180,9 +189,16 @@ class AsyncClient:
         session = self._open_session()
         try:
             async with session.request(method, self._address + path, **kwargs) as response:
+                self._note_load(from_text(response.headers.get(HEADER)))
                 return response.status, await response.read(), response.headers
         except asyncio.TimeoutError:  # aiohttp's timeouts are asyncio's
             raise ClientTimeout(f"no reply from {self._address} in {self.timeout_s} s") from None
+
+    def _note_load(self, load: Load | None) -> None:
+        if load is not None:
+            self.load, self.load_at = load, time.monotonic()
+            if self.on_load is not None:
+                self.on_load(load)
 
     async def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
         status, content, reply_headers = await self._request("POST", infer_path(model, version), data=body,

@@ -4,7 +4,7 @@ Protocol's ``ModelInfer``, in the messages of ``protocol/grpc.py``; errors come 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -13,8 +13,16 @@ from modelport import telemetry
 from modelport.engine.predictions import Prediction
 from modelport.protocol import grpc as codec
 from modelport.protocol import v2
+from modelport.protocol.load import HEADER, Load, from_text
 
 _OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+
+
+def _load(metadata) -> Load | None:
+    for key, value in metadata or ():
+        if key == HEADER:
+            return from_text(value)
+    return None
 
 
 def _outputs(outputs: Sequence[str] | None) -> list[tuple[str, int | None]]:
@@ -71,11 +79,12 @@ class GrpcTransport:
 class AsyncGrpcTransport(GrpcTransport):
     """The same calls on a ``grpc.aio`` channel, for ``AsyncClient``: many requests in flight."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, on_load: Callable[[Load | None], None] = lambda load: None) -> None:
         import grpc
         import grpc.aio
 
         self._grpc = grpc
+        self._on_load = on_load  # gets the load each answer reports (trailing metadata)
         self.address, self.timeout_s = address, timeout_s
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._stub = codec.messages()[1].GRPCInferenceServiceStub(self._channel)
@@ -106,9 +115,13 @@ class AsyncGrpcTransport(GrpcTransport):
         return self._primary[model]
 
     async def _call(self, method, request):
+        call = method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
         try:
-            return await method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
+            response = await call
+            self._on_load(_load(await call.trailing_metadata()))
+            return response
         except self._grpc.RpcError as exc:
+            self._on_load(_load(exc.trailing_metadata()))
             if exc.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED and not exc.trailing_metadata():
                 raise ClientTimeout(f"no reply from {self.address} in {self.timeout_s} s") from None
             raise codec.error_from_grpc(exc) from None

@@ -9,7 +9,8 @@ etcd outage); step two, call one of them with the ordinary single-address client
   READY and is not ``draining``.
 - **Which one**: power of two choices on a cost the client measures itself: Finagle's peak EWMA
   of latency (a slow answer counts at once, fast ones decay it over ``tau_s``) times the requests
-  it has in flight there, plus half the load the worker advertises.
+  it has in flight there, plus half the load the worker reported with its latest answer (in-band:
+  the member directory carries no load).
 - **Failover**: a failure that says "not here" (connection refused or reset, the worker left the
   member directory mid-request, 503 draining/overloaded) is retried on another worker, within a retry
   budget (``retry_ratio`` extra requests over a 10 s window, plus a small floor); an error that
@@ -80,6 +81,8 @@ class Endpoint:
     last_sent: float = field(default_factory=time.monotonic)
     attempts: set = field(default_factory=set)
     gone: bool = False
+    others: int = 0  # requests of other clients there, as of its latest answer to us
+    others_at: float = 0.0
     latencies: LatencyWindow = field(default_factory=lambda: LatencyWindow(200, 16))  # its own answers
 
     def p95(self) -> float | None:
@@ -108,7 +111,16 @@ class Endpoint:
                 ewma = default_s
             else:
                 ewma = default_s + (ewma - default_s) * math.exp(-(now - self.stamp) / tau_s)
-        return ewma * (self.in_flight + 1 + 0.5 * self.member.total_load)
+        others = self.others if now - self.others_at <= tau_s / 4 else 0
+        return ewma * (self.in_flight + 1 + 0.5 * others)
+
+    def note_load(self, load) -> None:
+        """The load the worker reported with an answer, as the answer arrives (in-band,
+        ``protocol/load.py``), kept as the requests it holds besides ours: the report counts our
+        others there too (all but the one it answers, still in flight here). It counts while it is
+        recent (a quarter of the decay time): an older report says little about now, and a worker
+        not chosen for a while competes as a fresh one."""
+        self.others, self.others_at = max(0, load.in_flight - (self.in_flight - 1)), time.monotonic()
 
 
 class RetryBudget:
@@ -257,8 +269,10 @@ class Discovery:
         endpoint = self.endpoints.get(member.id)
         if endpoint is None or endpoint.gone or self._address(endpoint.member) != self._address(member):
             endpoint = Endpoint(member, self._connect(self._address(member)))
+            if hasattr(endpoint.client, "on_load"):  # every answer's load report, errors' too
+                endpoint.client.on_load = endpoint.note_load
             self.endpoints[member.id] = endpoint
-        endpoint.member = member  # the latest advertised load and models
+        endpoint.member = member  # the latest models and state
         return endpoint
 
     def _members_changed(self, members: dict[str, Member]) -> None:

@@ -14,11 +14,12 @@ endpoints)::
      "grpc": "127.0.0.1:8001" | null,              # and over gRPC, if enabled (absent before this field existed)
      "state": "ready" | "draining",               # draining: finishing, send nothing new
      "models": {"flowers": {"versions": ["6", "7"], "labels": {"canary": "7"}}},   # READY only
-     "load": {"in_flight": 3, "queued": 1},       # refreshed at most once a second
      "started": 1764100000.0,                     # Unix time the worker started serving
      "pid": 4242, "host": "gpu-box-3"}
 
-Readers must ignore fields they do not know; a value that is not this shape is skipped (and
+No load: the value changes only when what the worker is changes (addresses, models, state);
+its load travels with its answers (``protocol/load.py``). Readers must ignore fields they do not
+know (values written before issue 27 carry a ``load`` field); a value that is not this shape is skipped (and
 logged), never trusted. The ``Directory`` follows the members: list once, then watch from the
 listed revision; when the watch breaks, list again and replace everything (etcd's own
 ``naming/endpoints`` pattern).
@@ -86,7 +87,6 @@ class Member:
     zmq: str | None = None
     state: str = READY
     models: dict[str, dict] = field(default_factory=dict)
-    load: dict[str, int] = field(default_factory=lambda: {"in_flight": 0, "queued": 0})
     started: float = 0.0
     pid: int = 0
     host: str = ""
@@ -119,13 +119,10 @@ class Member:
         models = value.get("models", {})
         if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
             raise ValueError("bad models")
-        load = value.get("load", {})
-        if not isinstance(load, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in load.values()):
-            raise ValueError("bad load")
         started, pid, host = value.get("started", 0.0), value.get("pid", 0), value.get("host", "")
         if not isinstance(started, (int, float)) or not isinstance(pid, int) or not isinstance(host, str):
             raise ValueError("bad started, pid or host")
-        return cls(member_id, http, zmq, state, models, load, float(started), pid, host, grpc)
+        return cls(member_id, http, zmq, state, models, float(started), pid, host, grpc)
 
     @property
     def http_host(self) -> str:
@@ -134,10 +131,6 @@ class Member:
     @property
     def http_port(self) -> int:
         return _port_of(self.http)
-
-    @property
-    def total_load(self) -> int:
-        return sum(self.load.values())
 
 
 def _port_of(url: str) -> int:

@@ -2,7 +2,9 @@
 
 Once every model is loaded and warm, the worker writes its key (``members.py`` has the layout)
 bound to a lease of ``ttl_s`` and refreshes the lease every ``ttl_s / 3``. The value is rewritten
-when what it says changes (models, state, load), at most once per ``refresh_s``. If the worker
+only when what the worker is changes (addresses, models and versions, ready/draining), at most
+once per ``refresh_s``: load travels with answers, not here, so at steady state a worker's only
+etcd traffic is its lease keep-alive. If the worker
 dies or freezes, the lease expires and etcd deletes the key. If etcd is unreachable, the worker
 keeps serving and retries with capped backoff; when etcd answers again it registers anew (new
 lease, same id, same key: no duplicate), and revokes the lease it held before, if etcd still

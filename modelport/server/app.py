@@ -28,7 +28,7 @@ from modelport.server.config import ServerConfig
 from modelport.server.http import ClientGone, error_response, internal_error, json_response
 from modelport.server.limits import BodyLimit
 from modelport.server.metrics import CONTENT_TYPE, Metrics
-from modelport.server.observe import Observe
+from modelport.server.observe import Observe, load_now
 from modelport.pipeline.config import PipelineConfig
 from modelport.pipeline.service import PipelineService
 from modelport.lifecycle.routing import RoutingTable
@@ -106,8 +106,10 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 
             port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
             rpc = RpcServer(lambda: routing, address=f"tcp://{config.host}:{port}",
-                            max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics)
+                            max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics,
+                            load=lambda: load_now(app.state))
             rpc.start()
+            app.state.rpc = rpc
             logger.info("ZeroMQ on %s", rpc.address)
         grpc_server = bound = None
         if config.grpc_port is not None:
@@ -119,7 +121,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
         if config.cluster is not None:
             from modelport.server.cluster import membership
 
-            app.state.membership = membership(config, routing, metrics, rpc, bound)
+            app.state.membership = membership(config, routing, rpc, bound)
             app.state.on_ready.append(app.state.membership.start)
         try:
             yield

@@ -11,10 +11,9 @@ from modelport.cluster.membership import Membership
 from modelport.lifecycle.routing import RoutingTable
 from modelport.lifecycle.states import State
 from modelport.server.config import ServerConfig
-from modelport.server.metrics import Metrics
 
 
-def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rpc, grpc_port: int | None) -> Membership:
+def membership(config: ServerConfig, routing: RoutingTable, rpc, grpc_port: int | None) -> Membership:
     cluster = ClusterURL.parse(config.cluster)
     host = advertised_host(config)
     http = f"http://{_bracket(host)}:{config.port}"
@@ -34,9 +33,9 @@ def membership(config: ServerConfig, routing: RoutingTable, metrics: Metrics, rp
             if rollout is not None:  # each worker judges its own rollout: the directory shows each one's
                 model["rollout"] = {"candidate": str(rollout.candidate.version),
                                     "serving": str(rollout.serving.version), "stage": rollout.stage}
-        load = {"in_flight": metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0),
-                "queued": sum(s.queued for s in routing.services())}
-        return Member(config.worker_id, http, zmq, models=models, load=load, started=started, pid=os.getpid(),
+        # No load here: it travels with every answer (protocol/load.py), so the key changes only
+        # when what the worker is changes, and the directory's traffic does not grow with load.
+        return Member(config.worker_id, http, zmq, models=models, started=started, pid=os.getpid(),
                       host=socket.gethostname(), grpc=grpc)
 
     return Membership(cluster, describe, ttl_s=config.lease_ttl_s)

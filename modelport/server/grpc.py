@@ -26,8 +26,10 @@ from modelport.errors import BadInput, ModelportError
 from modelport.lifecycle.states import State
 from modelport.protocol import grpc as codec
 from modelport.protocol import v2
+from modelport.protocol.load import HEADER
 from modelport.server import kserve
 from modelport.server.admin import check_token
+from modelport.server.observe import load_now
 from modelport.server.tracing import traced_request
 
 logger = logging.getLogger("modelport.server")
@@ -66,10 +68,11 @@ def _answers(method):
             _check_parsed(request)
             response = await method(self, request, context)
             version, status = getattr(response, "model_version", None), 200
+            context.set_trailing_metadata([self._load()])
             return response
         except ModelportError as exc:
             status = exc.status
-            await _abort(context, exc)
+            await _abort(context, exc, self._load())
         except asyncio.CancelledError:
             status = 499
             raise
@@ -83,8 +86,8 @@ def _answers(method):
     return wrapper
 
 
-async def _abort(context, exc: ModelportError) -> None:
-    metadata = [("kind", exc.kind)]
+async def _abort(context, exc: ModelportError, load: tuple[str, str]) -> None:
+    metadata = [("kind", exc.kind), load]
     if hasattr(exc, "retry_after_s"):
         metadata.append(("retry-after", str(max(1, round(exc.retry_after_s)))))
     context.set_trailing_metadata(metadata)
@@ -217,6 +220,11 @@ def servicer_class():
             answers = [(n, outputs[n] if k is None else kserve.classification(service, outputs[n], k)) for n, k in asked]
             return codec.response(service.name, service.version, answers, request_id=request.id,
                                   answered_by=",".join(timing.answered_by))
+
+        def _load(self) -> tuple[str, str]:
+            """The worker's load, as trailing metadata (protocol/load.py); this call is no longer
+            counted in flight when it is read."""
+            return HEADER, load_now(self._state, answering=0).to_text()
 
         def _observe(self, request, version: str | None, status: int, started: float) -> None:
             """Count an inference call in the request metrics, labelled only with what the server

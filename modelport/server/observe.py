@@ -6,7 +6,10 @@ import contextlib
 import time
 
 from modelport import telemetry
+from modelport.protocol.load import HEADER, Load
 from modelport.server.metrics import Metrics
+
+_LOAD_HEADER = HEADER.encode()
 
 
 def _protocol(path: str) -> str:
@@ -36,6 +39,14 @@ def _describe(span, model: str | None, version, status: int) -> None:
         telemetry.fail(span, f"HTTP {status}")
 
 
+def load_now(state, answering: int = 1) -> Load:
+    """What this worker reports with an answer (protocol/load.py): requests in flight on every
+    protocol besides the ``answering`` ones, and requests queued in its batchers."""
+    rpc = getattr(state, "rpc", None)
+    in_flight = state.metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0) - answering
+    return Load(max(0, in_flight), sum(s.queued for s in state.models.services()))
+
+
 class Observe:
     def __init__(self, app, metrics: Metrics, worker_id: str) -> None:
         self.app = app
@@ -54,7 +65,7 @@ class Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [self.worker]
+                extra = [self.worker, (_LOAD_HEADER, load_now(scope["app"].state).to_text().encode())]
                 if "model" in state:
                     extra += [(b"x-model-name", state["model"].encode()),
                               (b"x-model-version", str(state["version"]).encode())]

@@ -18,6 +18,7 @@ import zmq.asyncio
 from modelport import untrusted
 
 from modelport.protocol import wire
+from modelport.protocol.load import Load
 from modelport.server.tracing import traced_request
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
 from modelport.lifecycle.routing import RoutingTable
@@ -30,8 +31,9 @@ _OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of th
 
 class RpcServer:
     def __init__(self, models: Callable[[], RoutingTable], *, address: str, max_body_bytes: int, timeout_ms: float,
-                 metrics=None) -> None:
+                 metrics=None, load: Callable[[], Load] | None = None) -> None:
         self._models = models
+        self._load = load  # the worker's load, sent back with every reply (protocol/load.py)
         self._timeout_ms = timeout_ms
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
@@ -148,6 +150,8 @@ class RpcServer:
                                      "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}})
 
     async def _reply(self, identity: bytes, reply: dict) -> None:
+        if self._load is not None:
+            reply["load"] = self._load().to_wire()
         try:
             await self._socket.send_multipart([identity, wire.pack(reply)])
         except zmq.ZMQError as exc:  # the socket is closing, or the peer vanished
