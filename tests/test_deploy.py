@@ -6,6 +6,8 @@
 - Dockerfile: no container engine here, so its steps run the same way in a fresh virtual
   environment: install the package, build the default model, start the CMD, pass the HEALTHCHECK.
 - systemd units: `systemd-analyze verify`, where it exists.
+- Kubernetes autoscaling (KEDA, HPA + prometheus-adapter): no cluster here, so the YAML is parsed and
+  every metric its queries read is looked for in a live worker's /metrics.
 """
 
 from __future__ import annotations
@@ -181,3 +183,39 @@ def test_systemd_units_verify(unit, tmp_path):
     problems = [line for line in (result.stdout + result.stderr).splitlines()
                 if name in line or "modelport" in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_kubernetes_autoscaling_reads_metrics_a_worker_exports(cluster):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelport.cluster.autoscale import IN_FLIGHT, load_from_metrics
+
+    keda = yaml.safe_load((DEPLOY / "kubernetes" / "keda-scaledobject.yaml").read_text())
+    hpa, adapter = yaml.safe_load_all((DEPLOY / "kubernetes" / "hpa.yaml").read_text())
+    assert (keda["kind"], hpa["kind"], hpa["apiVersion"]) == ("ScaledObject", "HorizontalPodAutoscaler", "autoscaling/v2")
+    (trigger,) = keda["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]  # the HPA asks for what the adapter serves
+    # Both say the same: workers, target per worker, delays.
+    assert float(trigger["metadata"]["threshold"]) == float(metric["pods"]["target"]["averageValue"])
+    assert (keda["spec"]["minReplicaCount"], keda["spec"]["maxReplicaCount"]) == \
+        (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+    assert keda["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["spec"]["behavior"]
+
+    # Both read the load `modelport autoscale` measures: the ongoing-requests gauge, summed.
+    keda_query = trigger["metadata"]["query"]
+    adapter_query = rule["seriesQuery"] + " " + rule["metricsQuery"].replace("<<.Series>>", IN_FLIGHT)
+    for query in (keda_query, adapter_query):
+        assert set(re.findall(r"\bmodelport_[a-z_]+", query)) == {IN_FLIGHT}, query
+    worker = cluster.start_worker()
+    text = httpx.get(worker.url + "/metrics").text
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples}
+    assert IN_FLIGHT in samples
+    # Idle, the gauge reads 0: scrapes and health checks are not counted, so an idle fleet reads 0.
+    assert samples[IN_FLIGHT] == 0
+    assert load_from_metrics(text) == 0

@@ -32,6 +32,6 @@ def main() -> None:
 for command in (classify.classify, classify.samples,
                 models.build_model, models.build_default, models.retrain, models.optimize, importer.import_model,
                 serve.serve,
-                cluster.balance, cluster.resolve, cluster.dns, cluster.cluster,
+                cluster.balance, cluster.autoscale, cluster.resolve, cluster.dns, cluster.cluster,
                 pipeline.pipeline, rollout.rollout, bench.bench):
     main.add_command(command)

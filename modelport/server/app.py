@@ -107,9 +107,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
             rpc = RpcServer(lambda: routing, address=f"tcp://{config.host}:{port}",
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics,
-                            load=lambda: load_now(app.state))
+                            load=lambda answering: load_now(app.state, answering))
             rpc.start()
-            app.state.rpc = rpc
             logger.info("ZeroMQ on %s", rpc.address)
         grpc_server = bound = None
         if config.grpc_port is not None:

@@ -34,7 +34,8 @@ class Metrics:
         self.thin_batches = Counter("modelport_thin_batches", "Batches that ran thin: beside others, on a share of "
                                     "the cores and at most max_batch_size / concurrent_batches rows.", ["model"],
                                     registry=r)
-        self.in_flight = Gauge("modelport_requests_in_flight", "Requests being handled now.", registry=r)
+        self.in_flight = Gauge("modelport_requests_in_flight", "Inference requests being handled now (running or "
+                               "waiting), on every protocol; not health checks or scrapes.", registry=r)
         self.model_state = Gauge("modelport_model_state", "1 for each model version's current state.",
                                  ["model", "version", "state"], registry=r)
         self.pipeline_answers = Counter("modelport_pipeline_step_rows", "Images a pipeline step answered (a "

@@ -39,11 +39,10 @@ def _describe(span, model: str | None, version, status: int) -> None:
         telemetry.fail(span, f"HTTP {status}")
 
 
-def load_now(state, answering: int = 1) -> Load:
-    """What this worker reports with an answer (protocol/load.py): requests in flight on every
-    protocol besides the ``answering`` ones, and requests queued in its batchers."""
-    rpc = getattr(state, "rpc", None)
-    in_flight = state.metrics.in_flight_now() + (rpc.in_flight if rpc is not None else 0) - answering
+def load_now(state, answering: int) -> Load:
+    """What this worker reports with an answer (protocol/load.py): inference requests in flight on
+    every protocol besides the ``answering`` one(s), and those of them queued in its batchers."""
+    in_flight = state.metrics.in_flight_now() - answering
     return Load(max(0, in_flight), sum(s.queued for s in state.models.services()))
 
 
@@ -65,7 +64,8 @@ class Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [self.worker, (_LOAD_HEADER, load_now(scope["app"].state).to_text().encode())]
+                load = load_now(scope["app"].state, answering=int(counted))
+                extra = [self.worker, (_LOAD_HEADER, load.to_text().encode())]
                 if "model" in state:
                     extra += [(b"x-model-name", state["model"].encode()),
                               (b"x-model-version", str(state["version"]).encode())]
@@ -77,9 +77,11 @@ class Observe:
                 message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 
-        self.metrics.in_flight.inc()
+        counted = _inference(scope)  # the load a worker reports: model requests, not checks or scrapes
+        if counted:
+            self.metrics.in_flight.inc()
         traced = contextlib.nullcontext()
-        if telemetry.serving() and _inference(scope):
+        if counted and telemetry.serving():
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             traced = telemetry.span("modelport.request", kind="server", parent=telemetry.extract(headers),
                                     attributes={"modelport.protocol": _protocol(scope["path"])})
@@ -87,7 +89,8 @@ class Observe:
             try:
                 await self.app(scope, receive, observed_send)
             finally:
-                self.metrics.in_flight.dec()
+                if counted:
+                    self.metrics.in_flight.dec()
                 model = state.get("model")
                 if model is not None:  # only model requests: health checks and metrics scrapes are noise
                     self.metrics.observe_request(model, state["version"], _protocol(scope["path"]), status,

@@ -31,9 +31,9 @@ _OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of th
 
 class RpcServer:
     def __init__(self, models: Callable[[], RoutingTable], *, address: str, max_body_bytes: int, timeout_ms: float,
-                 metrics=None, load: Callable[[], Load] | None = None) -> None:
+                 metrics=None, load: Callable[[int], Load] | None = None) -> None:
         self._models = models
-        self._load = load  # the worker's load, sent back with every reply (protocol/load.py)
+        self._load = load  # the worker's load besides N answering, sent back with every reply (protocol/load.py)
         self._timeout_ms = timeout_ms
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
@@ -81,6 +81,7 @@ class RpcServer:
         start = time.monotonic()
         request_id = None
         service = None
+        counted = False
         try:
             if len(frame) > self._max_body_bytes:
                 raise PayloadTooLarge(f"message of {len(frame)} bytes is over the limit of {self._max_body_bytes}")
@@ -95,6 +96,8 @@ class RpcServer:
             if op == "ping":
                 reply = {"id": request_id, "ok": True}
             else:
+                counted = True  # an inference request: in the load the worker reports
+                self._count(1)
                 service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
                     if request.get("model") else self._models().default()
                 with traced_request(service, "zmq", request.items):
@@ -109,7 +112,9 @@ class RpcServer:
             reply = {"id": request_id, "ok": False,
                      "error": {"kind": "internal", "status": 500, "message": f"internal error (request id {error_id})"}}
             status = 500
-        await self._reply(identity, reply)
+        await self._reply(identity, reply, answering=int(counted))
+        if counted:
+            self._count(-1)
         if service is not None and self._metrics is not None:
             self._metrics.observe_request(service.name, service.version, "zmq", status, time.monotonic() - start)
 
@@ -149,9 +154,13 @@ class RpcServer:
                                      "version": str(service.version),
                                      "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}})
 
-    async def _reply(self, identity: bytes, reply: dict) -> None:
+    def _count(self, step: int) -> None:
+        if self._metrics is not None:
+            self._metrics.in_flight.inc(step)
+
+    async def _reply(self, identity: bytes, reply: dict, answering: int = 0) -> None:
         if self._load is not None:
-            reply["load"] = self._load().to_wire()
+            reply["load"] = self._load(answering).to_wire()
         try:
             await self._socket.send_multipart([identity, wire.pack(reply)])
         except zmq.ZMQError as exc:  # the socket is closing, or the peer vanished
