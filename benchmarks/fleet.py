@@ -368,6 +368,7 @@ def analyse(args, fleet, watch, haproxy, results, steady, steady_end, churn, res
         "workers": args.workers, "slow_workers": fleet.slow, "clients": args.clients,
         "in_flight_per_client": args.in_flight, "cores": os.cpu_count(),
         "service_ms_mean": SERVICE_S * 1000, "service_ms_cv": 0.02, "slow_factor": SLOW_FACTOR,
+        "shared_cores": False,  # the fixed-cost model holds a worker without CPU: independent servers
         "steady_s": round(window_s, 1),
         "etcd_events": len(events_in_steady),
         "etcd_events_per_watcher_per_s": len(events_in_steady) / window_s,
