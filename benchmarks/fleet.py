@@ -1,7 +1,7 @@
 """The fleet at scale, for real (issue 27): 50 worker processes, one balancer, 20 discovery clients.
 
     python benchmarks/fleet.py [--workers 50] [--clients 20] [--client-processes 4] [--in-flight 2]
-                               [--steady-s 60] [--restart-batch 5] [--json fleet.json]
+                               [--steady-s 60] [--restart-batch 5] [--worker-slo-ms MS] [--json fleet.json]
 
 Everything real on this machine: etcd, ``modelport balance`` with its HAProxy, ``modelport serve``
 workers (a fixed-cost model: a request holds its worker 100 ms without CPU, like a call to an
@@ -222,8 +222,9 @@ def quantiles(values: list[float]) -> dict[str, float]:
 # -- the run ------------------------------------------------------------------------------------
 
 class Fleet:
-    def __init__(self, work: Path, workers: int) -> None:
+    def __init__(self, work: Path, workers: int, slo_ms: float | None) -> None:
         self.work = work
+        self.options = ("--latency-slo-ms", str(slo_ms)) if slo_ms else ()
         (work / "etcd").mkdir()
         self.etcd = EtcdServer(work / "etcd").start()
         self.url = self.etcd.url("fleet")
@@ -236,7 +237,7 @@ class Fleet:
     def start(self, slow: bool = False) -> Server:
         self.started += 1
         worker = Server(str(self.work / ("slow" if slow else "normal")), "--cluster", self.url, "--drain-s", "1",
-                        "--lease-ttl-s", "3", "--log-level", "warning", log=self.work / f"w{self.started}.log")
+                        "--lease-ttl-s", "3", "--log-level", "warning", *self.options, log=self.work / f"w{self.started}.log")
         worker.slow = slow
         self.workers.append(worker)
         return worker
@@ -257,7 +258,7 @@ class Fleet:
 
 def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="modelport-fleet-"))
-    fleet = Fleet(work, args.workers)
+    fleet = Fleet(work, args.workers, args.worker_slo_ms)
     processes: list[tuple[subprocess.Popen, Path]] = []
     balancer = watch = None
     try:
@@ -382,7 +383,7 @@ def analyse(args, fleet, watch, haproxy, results, steady, steady_end, churn, res
         "leave_seen_by_clients_s": quantiles(delays(watch.leaves(*churn), "leave", clients)),
         "join_seen_by_haproxy_s": quantiles(delays(watch.joins(*churn), "join", ["haproxy"])),
         "leave_seen_by_haproxy_s": quantiles(delays(watch.leaves(*churn), "leave", ["haproxy"])),
-        "policy": "p2c-ewma",
+        "policy": "p2c-ewma", "slo_ms": args.worker_slo_ms,
     }
     for name, requests in (("discovery", discovery), ("haproxy", through_haproxy)):
         count, errors, kinds = failed(requests, restart)
@@ -392,7 +393,8 @@ def analyse(args, fleet, watch, haproxy, results, steady, steady_end, churn, res
 
 
 def report(f: dict) -> None:
-    print(f"\n{f['workers']} workers ({f['slow_workers']} at {f['slow_factor']} x), {f['clients']} discovery clients x "
+    slo = f", workers' latency SLO {f['slo_ms']:g} ms" if f.get("slo_ms") else ""
+    print(f"\n{f['workers']} workers ({f['slow_workers']} at {f['slow_factor']} x){slo}, {f['clients']} discovery clients x "
           f"{f['in_flight_per_client']} in flight, CPU {f['cpu']}")
     print(f"steady {f['steady_s']} s: {f['throughput_rps']:.0f} req/s, p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms "
           f"({f['steady_failed']} failed); etcd events per watcher per second {f['etcd_events_per_watcher_per_s']:.3f} "
@@ -418,6 +420,9 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=2, help="requests each discovery client keeps in flight")
     parser.add_argument("--steady-s", type=float, default=60)
     parser.add_argument("--restart-batch", type=int, default=5)
+    parser.add_argument("--worker-slo-ms", type=float, default=None,
+                        help="start the workers with --latency-slo-ms: they refuse (503) what would miss it, and "
+                             "discovery retries elsewhere")
     parser.add_argument("--json", type=Path, help="write the figures here (fleet_sim.py --validate reads it)")
     parser.add_argument("--client", choices=["discovery", "balancer"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

@@ -90,6 +90,14 @@ class Unavailable(_RetryLater):
     kind = "unavailable"
 
 
+class QuotaExceeded(_RetryLater):
+    """The tenant is over its quota (requests per second, or requests in flight): refused before
+    its body was read, with the time until the quota allows another."""
+
+    status = 429
+    kind = "quota_exceeded"
+
+
 class DeadlineExceeded(ModelportError):
     """The request's deadline passed before compute started; no compute was spent."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import os
 import signal
@@ -186,3 +187,23 @@ def raw_dealer(port: int, timeout_ms: int = 5000):
     finally:
         raw.close()
         context.term()
+
+
+_FRESH = "MODELPORT_TEST_IN_FRESH_PROCESS"
+
+
+def in_fresh_process(test):
+    """Run ``test`` in a Python process of its own (pytest on that one test): for tests that measure
+    the process itself (its RSS, its timing), which a pytest process grown through hundreds of other
+    tests would distort. In that child the test runs as written."""
+    if os.environ.get(_FRESH):
+        return test
+
+    @functools.wraps(test)
+    def in_child(*args, **kwargs) -> None:
+        where = f"{test.__code__.co_filename}::{test.__name__}"
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", where],
+                                env={**os.environ, _FRESH: "1"}, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+
+    return in_child

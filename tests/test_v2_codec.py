@@ -203,7 +203,7 @@ def test_unknown_input_and_wrong_datatype_are_bad_input():
     (503, b'{"error": "full", "kind": "overloaded"}', errors.Overloaded),  # the kind wins over the status
     (404, b'{"error": "no such model"}', errors.NotFound),  # another server: no kind, the status says
     (413, b"", errors.PayloadTooLarge),
-    (429, b"slow down", errors.Overloaded),
+    (429, b"slow down", errors.QuotaExceeded),  # another server's 429: its quota, not retried elsewhere
     (503, b"[1, 2]", errors.Unavailable),
     (504, b"{}", errors.DeadlineExceeded),
     (500, b"oops", errors.ModelportError),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from modelport.cli import bench, classify, cluster, importer, models, pipeline, rollout, serve
+from modelport.cli import bench, classify, cluster, importer, keys, models, pipeline, rollout, serve
 from modelport.errors import ModelportError
 
 
@@ -31,7 +31,7 @@ def main() -> None:
 
 for command in (classify.classify, classify.samples,
                 models.build_model, models.build_default, models.retrain, models.optimize, importer.import_model,
-                serve.serve,
+                serve.serve, keys.keys,
                 cluster.balance, cluster.autoscale, cluster.resolve, cluster.dns, cluster.cluster,
                 pipeline.pipeline, rollout.rollout, bench.bench):
     main.add_command(command)

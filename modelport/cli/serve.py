@@ -73,13 +73,19 @@ from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
               help="With --cluster: the member directory forgets a worker that stops refreshing for this long.")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=3.0, show_default=True,
               help="With --cluster, on SIGTERM: keep serving this long after announcing 'draining'.")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False), default=None, envvar="MODELPORT_KEYS",
+              help="Tenants and their API keys (TOML; `modelport keys new` makes one): every protocol then needs a key, "
+                   "and each tenant gets its models, quota and priority class. Re-read on change.")
+@click.option("--memory-budget-mb", type=click.FloatRange(min=1), default=None,
+              help="Keep models and versions beyond this much memory on disk, loaded on first use; the least "
+                   "recently used are unloaded to make room.")
 @LOG_LEVEL_OPTION
 def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_token: str | None, host: str,
           port: int, zmq_port: int | None, otlp_endpoint: str | None, trace_sample: float | None,
           grpc_port: int | None, max_batch_size, max_delay_ms, max_queue_size, concurrent_batches,
           latency_slo_ms, timeout_ms, max_body_mb, max_pixels, max_images_per_request, exit_timeout_s, read_timeout_s,
           write_timeout_s, runtime_threads, device, engine, precision, model_name, cluster, advertise, lease_ttl_s,
-          drain_s, log_level) -> None:
+          drain_s, keys_file, memory_budget_mb, log_level) -> None:
     """Serve SOURCE over HTTP: a repository (<name>/<version>/...), a model directory or a bundle.
 
     A repository is followed while serving (new versions load, then take traffic; removed ones
@@ -129,7 +135,7 @@ def serve(source: str | None, repository_dir: Path | None, watch: bool, admin_to
         exit_timeout_s=exit_timeout_s, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s,
         runtime_threads=runtime_threads, device=device, engine=engine, precision=precision, log_level=log_level,
         max_images_per_request=max_images_per_request, cluster=cluster, advertise=advertise, lease_ttl_s=lease_ttl_s,
-        drain_s=drain_s, admin_token=admin_token,
+        drain_s=drain_s, admin_token=admin_token, keys_file=keys_file, memory_budget_mb=memory_budget_mb,
         batching=BatchingOverrides(max_batch_size, max_delay_ms, max_queue_size, latency_slo_ms, concurrent_batches),
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )

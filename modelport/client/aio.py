@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ImageLike, client_span, http_inputs, image_bytes,
+from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, credentials, grpc_metadata, zmq_fields, ImageLike, client_span, http_inputs, image_bytes,
                                      infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
                                      zmq_request, zmq_result)
 from modelport import telemetry
@@ -28,11 +28,15 @@ class AsyncClient:
     """asyncio client: any number of requests in flight on one connection."""
 
     def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0, transport: str = "http",
-                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2) -> None:
+                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2, api_key: str | None = None,
+                 priority: str | None = None) -> None:
         """``transport``, ``hedge_after_ms`` (a number of ms, or "p95") and ``retry_ratio`` apply to
         ``etcd://`` URLs: which protocol to speak to the workers, when to send a second copy, and
-        how many extra requests failover and hedging may add."""
+        how many extra requests failover and hedging may add. ``api_key`` names the caller's tenant
+        on a server with ``--keys`` (default ``$MODELPORT_API_KEY``); ``priority`` ("normal",
+        "batch") lowers its requests' class."""
         self.kind, self._address = parse_url(url)
+        self._credentials = credentials(api_key, priority)
         self.model = model
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
@@ -49,7 +53,8 @@ class AsyncClient:
 
             self.discovery = Discovery(ClusterURL.parse(url), transport=transport, timeout_s=timeout_s,
                                        hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio,
-                                       connect=lambda address: AsyncClient(address, model=model, timeout_s=timeout_s))
+                                       connect=lambda address: AsyncClient(address, model=model, timeout_s=timeout_s,
+                                                                           api_key=api_key, priority=priority))
         elif self.kind == "grpc":  # the channel is opened in the running loop, on first use
             self._grpc = None
         elif self.kind == "zmq":
@@ -125,7 +130,8 @@ class AsyncClient:
         if self._grpc is None:
             from modelport.client.grpc import AsyncGrpcTransport
 
-            self._grpc = AsyncGrpcTransport(self._address, self.timeout_s, on_load=self._note_load)
+            self._grpc = AsyncGrpcTransport(self._address, self.timeout_s, on_load=self._note_load,
+                                            metadata=grpc_metadata(self._credentials))
         return self._grpc
 
     async def close(self) -> None:
@@ -155,6 +161,7 @@ class AsyncClient:
         if self._receiver is None:
             self._receiver = asyncio.get_running_loop().create_task(self._receive())
         request["id"] = request_id = next(self._ids)
+        request.update(zmq_fields(self._credentials))
         telemetry.inject(request)  # the trace goes on in the worker (the frame's traceparent field)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -182,7 +189,8 @@ class AsyncClient:
 
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=None), skip_auto_headers=("User-Agent",))
+                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=None), skip_auto_headers=("User-Agent",),
+                headers=self._credentials)
         return self._session
 
     async def _request(self, method: str, path: str, **kwargs) -> tuple[int, bytes, Mapping[str, str]]:

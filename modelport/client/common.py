@@ -48,6 +48,33 @@ def parse_url(url: str) -> tuple[str, str]:
 
 # -- ZeroMQ --------------------------------------------------------------------------------------
 
+def credentials(api_key: str | None, priority: str | None) -> dict[str, str]:
+    """What names the caller's tenant (``serve --keys``; ``$MODELPORT_API_KEY`` when no key is given)
+    and lowers its requests' class, as HTTP headers."""
+    headers = {}
+    key = api_key if api_key is not None else os.environ.get("MODELPORT_API_KEY")
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    if priority:
+        headers["x-modelport-priority"] = priority
+    return headers
+
+
+def grpc_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The same as gRPC metadata (the priority key is ``modelport-priority`` there)."""
+    return tuple((("modelport-priority" if k == "x-modelport-priority" else k), v) for k, v in headers.items())
+
+
+def zmq_fields(headers: dict[str, str]) -> dict[str, str]:
+    """The same as ZeroMQ request fields (``key``, ``priority``)."""
+    fields = {}
+    if "authorization" in headers:
+        fields["key"] = headers["authorization"].removeprefix("Bearer ")
+    if "x-modelport-priority" in headers:
+        fields["priority"] = headers["x-modelport-priority"]
+    return fields
+
+
 def zmq_request(op: str, model: str | None, version: str | int | None, **fields: Any) -> dict:
     request = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
     if model is not None:

@@ -32,10 +32,11 @@ def _outputs(outputs: Sequence[str] | None) -> list[tuple[str, int | None]]:
 class GrpcTransport:
     """Blocking calls on one channel (thread-safe, as gRPC channels are)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         import grpc
 
         self._grpc = grpc
+        self._metadata = metadata  # the caller's key and priority, on every call
         self.address, self.timeout_s = address, timeout_s
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = codec.messages()[1].GRPCInferenceServiceStub(self._channel)
@@ -69,7 +70,8 @@ class GrpcTransport:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
+            return method(request, timeout=self.timeout_s,
+                          metadata=self._metadata + tuple(telemetry.inject({}).items()))
         except self._grpc.RpcError as exc:
             if exc.code() == self._grpc.StatusCode.DEADLINE_EXCEEDED and not exc.trailing_metadata():
                 raise ClientTimeout(f"no reply from {self.address} in {self.timeout_s} s") from None
@@ -79,11 +81,13 @@ class GrpcTransport:
 class AsyncGrpcTransport(GrpcTransport):
     """The same calls on a ``grpc.aio`` channel, for ``AsyncClient``: many requests in flight."""
 
-    def __init__(self, address: str, timeout_s: float, on_load: Callable[[Load | None], None] = lambda load: None) -> None:
+    def __init__(self, address: str, timeout_s: float, on_load: Callable[[Load | None], None] = lambda load: None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         import grpc
         import grpc.aio
 
         self._grpc = grpc
+        self._metadata = metadata
         self._on_load = on_load  # gets the load each answer reports (trailing metadata)
         self.address, self.timeout_s = address, timeout_s
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
@@ -115,7 +119,7 @@ class AsyncGrpcTransport(GrpcTransport):
         return self._primary[model]
 
     async def _call(self, method, request):
-        call = method(request, timeout=self.timeout_s, metadata=tuple(telemetry.inject({}).items()))
+        call = method(request, timeout=self.timeout_s, metadata=self._metadata + tuple(telemetry.inject({}).items()))
         try:
             response = await call
             self._on_load(_load(await call.trailing_metadata()))

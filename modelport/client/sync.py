@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from modelport.client.aio import AsyncClient
-from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ImageLike, client_span, http_inputs, image_bytes,
+from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, credentials, grpc_metadata, zmq_fields, ImageLike, client_span, http_inputs, image_bytes,
                                      infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
                                      zmq_request, zmq_result)
 from modelport import telemetry
@@ -44,8 +44,12 @@ class Client:
     """Blocking client; thread-safe (one request at a time per client over ZeroMQ)."""
 
     def __init__(self, url: str, *, model: str = DEFAULT_MODEL, timeout_s: float = 30.0, transport: str = "http",
-                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2) -> None:
+                 hedge_after_ms: float | str | None = None, retry_ratio: float = 0.2, api_key: str | None = None,
+                 priority: str | None = None) -> None:
+        """``api_key`` names the caller's tenant on a server with ``--keys`` (default
+        ``$MODELPORT_API_KEY``); ``priority`` ("normal", "batch") lowers its requests' class."""
         self.kind, self._address = parse_url(url)
+        self._credentials = credentials(api_key, priority)
         self.model = model
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -53,11 +57,12 @@ class Client:
         if self.kind == "discovery":  # the asyncio client, run on a loop of its own
             self._loop = LoopThread()
             self._async = AsyncClient(url, model=model, timeout_s=timeout_s, transport=transport,
-                                      hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio)
+                                      hedge_after_ms=hedge_after_ms, retry_ratio=retry_ratio, api_key=api_key,
+                                      priority=priority)
         elif self.kind == "grpc":
             from modelport.client.grpc import GrpcTransport
 
-            self._grpc = GrpcTransport(self._address, timeout_s)
+            self._grpc = GrpcTransport(self._address, timeout_s, metadata=grpc_metadata(self._credentials))
         elif self.kind == "zmq":
             import zmq
 
@@ -67,7 +72,7 @@ class Client:
         else:
             import httpx
 
-            self._http = httpx.Client(base_url=self._address, timeout=timeout_s)
+            self._http = httpx.Client(base_url=self._address, timeout=timeout_s, headers=self._credentials)
             self._primary: dict[str, str] = {}
 
     def classify(self, image: ImageLike, *, top_k: int = 5, model: str | None = None,
@@ -154,6 +159,7 @@ class Client:
     def _call(self, request: dict) -> dict:
         with self._lock:
             request["id"] = request_id = next(self._ids)
+            request.update(zmq_fields(self._credentials))
             telemetry.inject(request)  # the trace goes on in the worker (the frame's traceparent field)
             self._socket.send(wire.pack(request))
             deadline = time.monotonic() + self.timeout_s

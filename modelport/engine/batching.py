@@ -8,11 +8,20 @@ form on their own while the previous one runs. How big a batch may grow, how lon
 whether a request is refused early are the ``Planner``'s (``slo.py``): fixed settings, or chosen
 to keep a latency SLO.
 
+Priority classes (``priority.py``): a request's class is read where it joins the queue (``admit``,
+``submit``). Batches take the most urgent class first, oldest first within a class, and lower
+classes fill the rest (``queues.py``): a lower class waits behind a higher one, never longer than
+the higher one keeps the runtime busy. Shedding starts at the lowest class: a request is judged
+(queue bound, SLO, deadline) against the work of its own class and those above only, and one that
+finds the queue full of that work is refused; one that finds it full, but partly of lower classes,
+takes the place of the newest request of the lowest class, which is answered ``Overloaded``.
+
 Invariants (everything here runs on one event loop, so no locks):
 - every submitted item gets exactly one answer: its result, or an exception;
 - a failed batch sets the same exception on each of its futures;
 - items whose client went away (future cancelled) are dropped before compute;
 - items past their deadline get ``DeadlineExceeded`` before compute;
+- an item shed for a more urgent one gets ``Overloaded`` and is not computed;
 - the run function returns one result per item, checked.
 No metrics, logging or I/O in here: ``on_batch`` is the hook.
 """
@@ -21,25 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 from modelport.errors import DeadlineExceeded, Overloaded, Unavailable
+from modelport.engine import priority
+from modelport.engine.cores import Cores
+from modelport.engine.priority import Priority
+from modelport.engine.queues import Entry, Queues
 from modelport.engine.slo import Planner
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@dataclass
-class _Entry(Generic[T]):
-    item: T
-    rows: int
-    future: asyncio.Future
-    deadline: float | None  # time.monotonic() seconds
-    arrived: float  # the request's arrival (before decoding): its SLO runs from here
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -49,56 +51,6 @@ class BatchInfo:
     queue_s: list[float]  # per item
     run_s: float
     thin: bool = False  # ran beside other batches, on a share of the cores
-
-
-class Cores:
-    """The CPU's batches, shared by the batchers of every model in a process (a pipeline's steps, a
-    rollout's two versions): a full batch takes every core, so it runs alone among all of them, and
-    thin ones run side by side. Without it, two models' full batches would each spread over every
-    core at once and wait on each other's threads."""
-
-    def __init__(self) -> None:
-        self.running: dict[object, bool] = {}  # batch -> thin
-        self._wakeups: list[asyncio.Event] = []
-        # Batchers with work that could not start, oldest first: the first goes next, so that one
-        # model's stream of thin batches never starves another's full one.
-        self._waiting: list[object] = []
-
-    def can_start(self, slots: int, who: object) -> bool:
-        """Nothing runs, or only thin batches and fewer than ``slots`` of them; and no other batcher
-        has waited longer."""
-        if self._waiting and self._waiting[0] is not who:
-            return False
-        return not self.running or (len(self.running) < slots and all(self.running.values()))
-
-    def wait(self, who: object) -> None:
-        if who not in self._waiting:
-            self._waiting.append(who)
-
-    def done_waiting(self, who: object) -> None:
-        if who in self._waiting:
-            first = self._waiting[0] is who
-            self._waiting.remove(who)
-            if first:
-                self._wake()
-
-    def follow(self, wakeup: asyncio.Event) -> None:
-        self._wakeups.append(wakeup)
-
-    def forget(self, wakeup: asyncio.Event) -> None:
-        if wakeup in self._wakeups:
-            self._wakeups.remove(wakeup)
-
-    def enter(self, batch: object, thin: bool) -> None:
-        self.running[batch] = thin
-
-    def leave(self, batch: object) -> None:
-        del self.running[batch]
-        self._wake()  # any batcher may start now
-
-    def _wake(self) -> None:
-        for wakeup in self._wakeups:
-            wakeup.set()
 
 
 class Batcher(Generic[T, R]):
@@ -119,9 +71,10 @@ class Batcher(Generic[T, R]):
         self.max_queue_size = max_queue_size
         self.planner = planner or Planner(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
         self._on_batch = on_batch
-        self._queue: deque[_Entry[T]] = deque()
-        self._queued_rows = 0  # rows of the entries in _queue
-        self._expected = 0  # admitted requests still preparing their input (decoding)
+        self._queue: Queues[T] = Queues()
+        # Admitted requests still preparing their input (decoding), in order of admission.
+        self._preparing: dict[_Admission, None] = {}
+        self._preparing_by = [0] * len(Priority)  # by rank
         # Batches at the runtime: id -> (start, rows, thin). More than one only with
         # max_concurrent_batches > 1, and then only thin ones side by side: see _can_start.
         self.max_concurrent_batches = max_concurrent_batches
@@ -154,38 +107,76 @@ class Batcher(Generic[T, R]):
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def _expected(self) -> int:
+        """Admitted requests still preparing their input: companions on their way."""
+        return len(self._preparing)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
     def admit(self, *, rows: int = 1, arrived: float | None = None, deadline: float | None = None,
               preparing: bool = True) -> "_Admission":
         """Reserve a queue place before the (costly) input preparation; refuse at once when full,
-        or when the request would finish past its SLO or deadline.
+        or when the request would finish past its SLO or deadline. A place held by a lower class
+        is taken from it (``check``).
 
         Use as ``with batcher.admit(): item = await decode(...)`` then ``await batcher.submit(item)``
         with no await in between: while the block runs, the worker knows a companion is coming.
         """
-        self.check(rows=rows, arrived=arrived, deadline=deadline, preparing=preparing)
-        return _Admission(self)
+        urgency = priority.current()
+        self._judge(urgency, rows, arrived, deadline, preparing, shed=True)
+        return _Admission(self, urgency, time.monotonic() if arrived is None else arrived)
 
     def check(self, *, rows: int = 1, arrived: float | None = None, deadline: float | None = None,
               preparing: bool = True) -> None:
-        """Refuse now if a request would be refused: lets a front-end skip reading a body in vain."""
+        """Refuse now if a request would be refused: lets a front-end skip reading a body in vain.
+        Sheds nothing: a lower class's place is taken only by ``admit``, once the body is there."""
+        self._judge(priority.current(), rows, arrived, deadline, preparing, shed=False)
+
+    def _judge(self, urgency: Priority, rows: int, arrived: float | None, deadline: float | None,
+               preparing: bool, *, shed: bool) -> None:
+        """Refuse a request of class ``urgency`` whose own class and those above fill the queue, or
+        would make it miss its SLO or deadline; with ``shed``, make it a place in a full queue."""
         if self._closing:
             raise Unavailable("model is unloading", retry_after_s=1)
-        if len(self._queue) + self._expected >= self.max_queue_size:
-            self._drop_abandoned()
-        if len(self._queue) + self._expected >= self.max_queue_size:
-            raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
         now = time.monotonic()
+        self.planner.saw(urgency, now)
+        full = len(self._queue) + self._expected >= self.max_queue_size
+        if full:
+            self._drop_abandoned()
+            full = len(self._queue) + self._expected >= self.max_queue_size
+        expected = sum(self._preparing_by[:urgency.rank + 1])
+        if full and self._queue.count_ahead_of(urgency) + expected >= self.max_queue_size:
+            raise Overloaded(f"queue full ({self.max_queue_size} requests waiting)", retry_after_s=1)
+        ahead_rows = self._queue.rows_ahead_of(urgency)
         self.planner.refuse_late(now=now, arrived=now if arrived is None else arrived, deadline=deadline, rows=rows,
-                                 queued_rows=self._queued_rows,
-                                 queue=((e.arrived, e.rows) for e in self._queue), expected=self._expected,
+                                 priority=urgency, queued_rows=ahead_rows,
+                                 queue=((e.arrived, e.rows, e.priority) for e in self._queue.ahead_of(urgency)),
+                                 expected=expected, filler=self._queue.rows - ahead_rows + self._expected - expected,
                                  running_left_s=self._running_left(now), preparing=preparing)
+        if full and shed:  # judged last: a request refused anyway sheds nobody
+            self._shed_for(urgency)
+
+    def _shed_for(self, urgency: Priority) -> None:
+        """Free a place for a request of class ``urgency``: the newest request of the least urgent
+        class below it leaves (queued: answered now; still decoding: when its decode ends)."""
+        queued = self._queue.newest_below(urgency)
+        decoding = max((a for a in self._preparing if a.priority.rank > urgency.rank),
+                       key=lambda a: (a.priority.rank, a.arrived), default=None)
+        refusal = Overloaded(f"queue full ({self.max_queue_size} requests waiting): "
+                             f"its place was given to a request of class {urgency}", retry_after_s=1)
+        if decoding is not None and (queued is None or (decoding.priority.rank, decoding.arrived)
+                                     >= (queued.priority.rank, queued.arrived)):
+            decoding.shed = refusal
+            decoding.release()
+        elif queued is not None:
+            self._queue.remove_newest(queued)
+            queued.future.set_exception(refusal)
 
     def predicted_wait_s(self) -> float:
         """How long a request arriving now would wait before its batch starts (the planner's guess)."""
-        return self.planner.predicted_wait_s(self._queued_rows + self._expected, self._running_left(time.monotonic()))
+        return self.planner.predicted_wait_s(self._queue.rows + self._expected, self._running_left(time.monotonic()))
 
     def _running_left(self, now: float) -> float:
         """Until a runtime slot frees: 0 while one is free, else the soonest predicted end of this
@@ -203,6 +194,7 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T, *, rows: int = 1, deadline: float | None = None,
                      arrived: float | None = None) -> R:
         # No closing check here: a request admitted before close() began is still served.
+        urgency = priority.current()
         if self._run_now is not None and not self._queue and not self.busy and not self._expected:
             # Idle, nobody waiting, nobody coming: a batch of one, run right here. No await
             # between the check and the run, so nothing can slip in: still one batch at a time.
@@ -218,8 +210,8 @@ class Batcher(Generic[T, R]):
                 return results[0]
         future = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self._queue.append(_Entry(item, rows, future, deadline, now if arrived is None else arrived, now))
-        self._queued_rows += rows
+        self.planner.saw(urgency, now)
+        self._queue.append(Entry(item, rows, future, deadline, now if arrived is None else arrived, urgency, now))
         self._wakeup.set()
         # If the caller is cancelled (client gone), the future is cancelled too and the worker
         # skips it: a request nobody waits for is never computed.
@@ -251,7 +243,7 @@ class Batcher(Generic[T, R]):
             if not self._can_start():  # another model's batch started while this one gathered
                 continue
             thin = self._thin()
-            batch = self._take(self._cap(thin))
+            batch = self._take(*self._caps(thin))
             if not batch:
                 continue
             # The slot is taken now, before any await: the check above stays true.
@@ -272,19 +264,23 @@ class Batcher(Generic[T, R]):
         wait than a thin batch takes, or requests are on their way), so batches side by side, each
         on its share of the cores, beat one batch on all of them (docs/decisions.md)."""
         return self.max_concurrent_batches > 1 and bool(
-            self._cores.running or self._expected or self._queued_rows > self.item_rows)
+            self._cores.running or self._expected or self._queue.rows > self.item_rows)
 
-    def _cap(self, thin: bool) -> int:
-        """Rows for the next batch. Thin batches share the rows of one full batch, so the runtime never
+    def _caps(self, thin: bool) -> tuple[int, int]:
+        """Rows for the next batch: with the leading class's requests, and with lower classes'
+        filler (``slo.py``). Thin batches share the rows of one full batch, so the runtime never
         holds more rows at once than one full batch (its memory is that of one full batch)."""
-        cap = self.planner.cap_for(self._queue[0].arrived, time.monotonic()) if self._queue else 1
-        return min(cap, self.item_rows) if thin else cap
+        if not self._queue:
+            return 1, 1
+        head = self._queue.head()
+        cap, fill = self.planner.cap_for(head.arrived, time.monotonic(), head.priority)
+        return (min(cap, self.item_rows), min(fill, self.item_rows)) if thin else (cap, fill)
 
     async def _gather(self) -> None:
         """Wait for announced companions while the batch is short and the oldest can afford it."""
-        oldest = self._queue[0]
+        oldest = self._queue.head()
         give_up = self.planner.gather_until(oldest.arrived, oldest.enqueued)
-        while self._expected and self._queued_rows < self._cap(self._thin()) and not self._closing:
+        while self._expected and self._queue.rows < self._caps(self._thin())[0] and not self._closing:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 return
@@ -298,27 +294,22 @@ class Batcher(Generic[T, R]):
         """Entries nobody waits for (cancelled, or past their deadline) leave a full queue now, not
         when the worker reaches them: they must not hold places that live requests could take."""
         now = time.monotonic()
-        kept: deque[_Entry[T]] = deque()
-        for entry in self._queue:
-            expired = entry.deadline is not None and now > entry.deadline
-            if entry.future.done() or expired:
-                if not entry.future.done():
-                    entry.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
-                self._queued_rows -= entry.rows
-            else:
-                kept.append(entry)
-        self._queue = kept
+        for entry in self._queue.drop(lambda e: e.future.done() or (e.deadline is not None and now > e.deadline)):
+            if not entry.future.done():
+                entry.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
 
-    def _take(self, cap: int) -> list[_Entry[T]]:
-        batch: list[_Entry[T]] = []
+    def _take(self, cap: int, fill: int) -> list[Entry[T]]:
+        """The next batch: up to ``cap`` rows of the leading (most urgent) class, and lower classes
+        after them up to ``fill`` rows in all."""
+        batch: list[Entry[T]] = []
         rows = 0
+        lead: Priority | None = None
         now = time.monotonic()
         while self._queue:
-            entry = self._queue[0]
-            if batch and rows + entry.rows > cap:
+            entry = self._queue.head()
+            if batch and rows + entry.rows > (cap if entry.priority is lead else fill):
                 break
-            self._queue.popleft()
-            self._queued_rows -= entry.rows
+            self._queue.pop()
             if entry.future.done():  # cancelled: the client went away
                 continue
             if entry.deadline is not None and now > entry.deadline:
@@ -326,10 +317,12 @@ class Batcher(Generic[T, R]):
                 continue
             batch.append(entry)
             rows += entry.rows
+            if lead is None:
+                lead = entry.priority
             self.planner.prepared(entry.enqueued - entry.arrived)
         return batch
 
-    async def _execute(self, batch: list[_Entry[T]], key: int) -> None:
+    async def _execute(self, batch: list[Entry[T]], key: int) -> None:
         start, rows, thin = self._running[key]
         try:
             results = await (self._run_thin if thin else self._run)([e.item for e in batch])
@@ -354,13 +347,28 @@ class Batcher(Generic[T, R]):
 
 
 class _Admission:
-    def __init__(self, batcher: Batcher) -> None:
+    """A place reserved for a request while it prepares its input. A more urgent request may take
+    the place meanwhile (``shed``): the block then ends in that ``Overloaded``, and nothing queues."""
+
+    def __init__(self, batcher: Batcher, urgency: Priority, arrived: float) -> None:
         self._batcher = batcher
+        self.priority = urgency
+        self.arrived = arrived
+        self.shed: Overloaded | None = None
 
     def __enter__(self) -> "_Admission":
-        self._batcher._expected += 1
+        self._batcher._preparing[self] = None
+        self._batcher._preparing_by[self.priority.rank] += 1
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._batcher._expected -= 1
+    def release(self) -> None:
+        """Give the place back (once): the input is ready, or the place was taken."""
+        if self in self._batcher._preparing:
+            del self._batcher._preparing[self]
+            self._batcher._preparing_by[self.priority.rank] -= 1
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.release()
         self._batcher._wakeup.set()
+        if self.shed is not None and exc_type is None:
+            raise self.shed

@@ -29,19 +29,21 @@ class Timing:
     queue_s: float = 0.0
     infer_s: float = 0.0
     enqueued: float = 0.0
+    load_s: float = 0.0  # under a memory budget: the wait for the version to load from disk (0: it was resident)
     # A pipeline's request: each step's own timing, and the step that answered each row (cascade).
     # Empty tuples by default: a model's request allocates nothing for them.
     steps: Sequence[tuple[str, "Timing"]] = ()
     answered_by: Sequence[str] = ()
 
     def server_timing(self) -> str:
+        loaded = f", load;dur={self.load_s * 1000:.3f}" if self.load_s else ""
         if not self.steps:
             return (f"decode;dur={self.decode_s * 1000:.3f}, queue;dur={self.queue_s * 1000:.3f}, "
-                    f"infer;dur={self.infer_s * 1000:.3f}")
+                    f"infer;dur={self.infer_s * 1000:.3f}{loaded}")
         entries = [f"decode;dur={self.decode_s * 1000:.3f}"]
         for name, step in self.steps:
             entries.append(f"{name}.queue;dur={step.queue_s * 1000:.3f}, {name}.infer;dur={step.infer_s * 1000:.3f}")
-        return ", ".join(entries)
+        return ", ".join(entries) + loaded
 
 
 @dataclass

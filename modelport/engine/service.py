@@ -16,7 +16,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from modelport import telemetry
-from modelport.engine.batching import Batcher, BatchInfo, Cores
+from modelport.engine.batching import Batcher, BatchInfo
+from modelport.engine.cores import Cores
 from modelport.repository.bundle import Serving
 from modelport.errors import BadInput, DeadlineExceeded, Overloaded, Unavailable
 from modelport.engine.imaging import DEFAULT_MAX_PIXELS, to_model_input

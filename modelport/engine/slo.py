@@ -16,6 +16,20 @@ squares, older batches fading; BentoML fits the same line). ``Planner`` uses it 
   ``Retry-After``, before its body is decoded, instead of being queued to miss (Clockwork).
   Deadlines are checked this way in both modes; the SLO only when one is set.
 
+**Priority classes** (``priority.py``): the batcher serves the most urgent class first and lower
+classes fill the rest of a batch. The SLO is planned for the most urgent class seen lately (the
+last ``_URGENT_MEMORY_S``: ``high`` where tenants use it, else ``normal``; with one class in use,
+batches and refusals are what they were without classes):
+
+- rows of the class that leads a batch (the head of the queue) may grow it up to the cap above;
+  rows of lower classes only fill it up to the steady size, and a batch led by a lower class (no
+  urgent request waiting) is at most the steady size. So an urgent request that arrives just after
+  a batch starts waits at most one steady batch, then runs in its own, filled or not: within its
+  SLO whatever the lower classes' load. Lower classes absorb the waiting.
+- a request's early refusal plays out only the work of its own class and those above (and the
+  lower classes' filler in its batch), so the lowest class is refused first: more lies ahead of
+  it. One admitted within its SLO may still be pushed back by urgent arrivals after it.
+
 No I/O, no clock of its own: the batcher passes ``now`` in. Everything runs on one event loop.
 """
 
@@ -25,6 +39,7 @@ import math
 from collections import deque
 from typing import Iterable
 
+from modelport.engine.priority import Priority
 from modelport.errors import Overloaded
 
 # Plan to finish within this share of the SLO: the rest is the front-end's (HTTP parsing, the
@@ -34,6 +49,10 @@ _FRONT_END_S = 0.001
 _FADE = 0.9  # per batch: the fit follows the last ~10 batches
 _RATIOS = 32  # recent observed/predicted run times, for the noise margin
 _NOISE_QUANTILE = 0.9
+# A class that sent a request within this many seconds is expected to send more: batches stay ones
+# it can wait out even while none of its requests is queued.
+_URGENT_MEMORY_S = 10.0
+_LEAST_URGENT = max(p.rank for p in Priority)
 
 
 class BatchCost:
@@ -105,16 +124,34 @@ class Planner:
         self.cost = BatchCost(first_batch_s, pair_batch_s)
         self.cap = max_batch_size  # the cap of the last batch taken (what the metric shows)
         self._prep_s = 0.0  # recent time from arrival to the queue (decoding): a high-ish EWMA
+        self._seen = [-math.inf] * (_LEAST_URGENT + 1)  # by rank: when a request of the class last arrived
 
     # -- what the batcher asks --------------------------------------------------------------------
 
-    def cap_for(self, oldest_arrived: float, now: float) -> int:
-        """The biggest batch that still lets the oldest queued request finish within the SLO, and
+    def cap_for(self, oldest_arrived: float, now: float, lead: Priority = Priority.NORMAL) -> tuple[int, int]:
+        """Rows for the next batch: (with the lead class's rows, with lower classes' filler). The
+        lead is the class of the oldest queued request of the most urgent class waiting.
+
+        The biggest batch that still lets the oldest queued request finish within the SLO, and
         never less than the steady size: a request already late gains nothing from a small batch,
-        and small batches are what lets a backlog grow."""
-        if self.slo_s is not None:
-            self.cap = max(self.steady_cap(), self._fits(oldest_arrived + self.target_s - now))
-        return self.cap
+        and small batches are what lets a backlog grow. Filler, or a batch led by a class below
+        the most urgent one seen lately, stops at the steady size (see the module's docstring)."""
+        if self.slo_s is None:
+            return self.cap, self.cap
+        steady = self.steady_cap()
+        if lead.rank > self._urgent_rank(now):
+            self.cap = steady
+        else:
+            self.cap = max(steady, self._fits(oldest_arrived + self.target_s - now))
+        return self.cap, steady
+
+    def saw(self, priority: Priority, now: float) -> None:
+        """A request of ``priority`` arrived."""
+        self._seen[priority.rank] = now
+
+    def _urgent_rank(self, now: float) -> int:
+        """The rank of the most urgent class seen lately (the least urgent one when none was)."""
+        return next((rank for rank, seen in enumerate(self._seen) if now - seen <= _URGENT_MEMORY_S), _LEAST_URGENT)
 
     def gather_until(self, oldest_arrived: float, oldest_enqueued: float) -> float:
         """How long the batcher may wait for announced companions (monotonic seconds)."""
@@ -130,14 +167,16 @@ class Planner:
         run in the next, within the SLO."""
         return self._fits((self.target_s - self._prep_s) / 2)
 
-    def refuse_late(self, *, now: float, arrived: float, deadline: float | None, rows: int, queued_rows: int,
-                    queue: Iterable[tuple[float, int]], expected: int, running_left_s: float,
-                    preparing: bool) -> None:
+    def refuse_late(self, *, now: float, arrived: float, deadline: float | None, rows: int, priority: Priority,
+                    queued_rows: int, queue: Iterable[tuple[float, int, Priority]], expected: int, filler: int,
+                    running_left_s: float, preparing: bool) -> None:
         """Raise ``Overloaded`` if this request would finish past its SLO or its deadline.
 
-        ``queue`` is (arrival, rows) of each request ahead, oldest first; ``expected`` requests
-        are still decoding and will queue ahead of this one. The batches are played out as the
-        batcher will form them, with the fitted run times.
+        ``queue`` is (arrival, rows, class) of each request served before it (its own class and
+        those above), in the order served; ``queued_rows`` their rows; ``expected`` requests of
+        those classes are still decoding and will queue ahead of it; ``filler`` rows of lower
+        classes wait to fill its batch. The batches are played out as the batcher will form them,
+        with the fitted run times.
         """
         if self.slo_s is None and deadline is None:
             return
@@ -146,18 +185,18 @@ class Planner:
             # would never run the batches that correct its estimates.
             return
         # Every request has a deadline (the server's default timeout): settle the usual case in
-        # O(1) with a bound (every row in a batch of its own, the slowest way) before playing out
-        # the queue.
+        # O(1) with a bound (every row in a batch of its own, the slowest way, and every row of
+        # filler in some batch) before playing out the queue.
         worst = (now + max(running_left_s, self._prep_s if preparing else 0.0)
-                 + (queued_rows + expected + rows) * self.cost.predict(1))
+                 + (queued_rows + expected + rows) * self.cost.predict(1) + filler * self.cost.a)
         if (self.slo_s is None or worst <= arrived + self.target_s) and (deadline is None or worst <= deadline):
             return
-        ahead = [*queue, *((now, 1) for _ in range(expected))]
+        ahead = [*queue, *((now, 1, priority) for _ in range(expected))]
         clock = now + running_left_s
-        ahead.append((arrived, rows))
+        ahead.append((arrived, rows, priority))
         if preparing and self._prep_s > clock - now:
             clock = now + self._prep_s  # it cannot start before its own decode ends
-        finish = self._play_out(ahead, clock)
+        finish = self._play_out(ahead, clock, filler, self._urgent_rank(now))
         if self.slo_s is not None and finish > arrived + self.target_s:
             raise Overloaded(f"would miss the latency SLO of {self.slo_s * 1000:g} ms: "
                              f"{(finish - arrived) * 1000:.0f} ms predicted with {len(ahead) - 1} request(s) ahead",
@@ -167,16 +206,25 @@ class Planner:
                              f"{len(ahead) - 1} request(s) ahead, {max(0.0, deadline - now) * 1000:.0f} ms left",
                              retry_after_s=finish - now)
 
-    def _play_out(self, queue: list[tuple[float, int]], clock: float) -> float:
-        """When the last of ``queue`` finishes, taking batches the way the batcher does."""
+    def _play_out(self, queue: list[tuple[float, int, Priority]], clock: float, filler: int, urgent: int) -> float:
+        """When the last of ``queue`` finishes, taking batches the way the batcher does (its last
+        batch filled with up to ``filler`` rows of lower classes)."""
         i = 0
         while i < len(queue):
-            cap = self.cap if self.slo_s is None else self._fits(queue[i][0] + self.target_s - clock)
-            rows = queue[i][1]
+            lead_arrived, rows, lead = queue[i]
+            if self.slo_s is None:
+                cap = fill = self.cap
+            elif lead.rank > urgent:
+                cap = fill = self.steady_cap()
+            else:
+                cap = self._fits(lead_arrived + self.target_s - clock)
+                fill = min(cap, self.steady_cap())
             i += 1
-            while i < len(queue) and rows + queue[i][1] <= cap:
+            while i < len(queue) and rows + queue[i][1] <= (cap if queue[i][2] is lead else fill):
                 rows += queue[i][1]
                 i += 1
+            if i == len(queue) and filler:
+                rows = max(rows, min(rows + filler, fill))
             clock += self.cost.predict(rows)
         return clock
 

@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from modelport.engine import priority
+from modelport.engine.priority import Priority
 from modelport.errors import BadInput, Overloaded, PayloadTooLarge, Unavailable
 from modelport.repository.model_config import RolloutPolicy
 
@@ -203,6 +205,7 @@ class Rollout:
         from modelport.engine.servable import Timing
 
         mine = Timing()
+        priority.set_current(Priority.BATCH)  # a shadow copy never competes with live requests (its own task)
         try:
             if tensor is not None:
                 answer = await target.infer_tensor(tensor, deadline=None, timing=mine)

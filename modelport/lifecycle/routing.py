@@ -117,9 +117,17 @@ class RoutingTable:
     def labels(self, name: str) -> dict[str, int]:
         return dict(self._models[name].labels) if name in self._models else {}
 
-    def index(self) -> list[dict]:
-        return [{"name": name, "version": str(v), "state": s.state, "reason": s.reason}
-                for name, model in sorted(self._models.items()) for v, s in sorted(model.versions.items())]
+    def index(self, *, resident: bool = False) -> list[dict]:
+        """``resident``: say of each version whether it is in memory (under a memory budget a READY
+        version may wait on disk, loaded on first use: ``on_demand.py``)."""
+        entries = []
+        for name, model in sorted(self._models.items()):
+            for v, s in sorted(model.versions.items()):
+                entry = {"name": name, "version": str(v), "state": s.state, "reason": s.reason}
+                if resident:
+                    entry["resident"] = s.state == State.READY and getattr(s.service, "resident", True)
+                entries.append(entry)
+        return entries
 
     # -- loading and unloading (the loaders' side) ----------------------------------------------
 

@@ -12,6 +12,9 @@ With a ``[rollout]`` policy, a new version that arrives while another serves is 
 the default: a ``Rollout`` judges it (shadow, canary) and either promotes it (the labels that named
 the old version move to it, and the old one is retired by the version policy) or rolls it back
 (ROLLED_BACK in the index, unloaded, not loaded again until its files change).
+
+Under a memory budget (``residency.py``) a model version is published as an ``OnDemand`` stand-in:
+loaded and measured here as any version, then kept resident or unloaded to disk by the budget.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from modelport.engine.servable import Servable
 from modelport.errors import ModelportError, NotFound, Unavailable
 from modelport.lifecycle.rollout import Stage, Rollout
 from modelport.lifecycle.routing import RoutingTable
+from modelport.lifecycle.residency import Residency
 from modelport.lifecycle.states import State
 from modelport.lifecycle.watcher import RepositoryWatcher
 from modelport.memory import release_memory
@@ -81,11 +85,13 @@ class _Failure:
 class VersionManager:
     def __init__(self, watcher: RepositoryWatcher, routing: RoutingTable,
                  load: Callable[[str, Path], Awaitable[Servable]], *,
-                 load_pipeline: Callable[[str, PipelineConfig], Servable] | None = None, observer=None) -> None:
+                 load_pipeline: Callable[[str, PipelineConfig], Servable] | None = None, observer=None,
+                 residency: Residency | None = None) -> None:
         self.watcher = watcher
         self.root = watcher.root
         self.routing = routing
         self._load = load
+        self.residency = residency  # a memory budget: versions beyond it wait on disk
         self._load_pipeline = load_pipeline
         self._observer = observer  # the server's metrics: rollout stages and answers
         self._failures: dict[tuple[str, int], _Failure] = {}
@@ -318,6 +324,11 @@ class VersionManager:
         path = self.root / name / PIPELINE_FILE
         return read_pipeline(path) if path.is_file() and not layout.escapes(self.root, path) else None
 
+    async def _load_version(self, name: str, version: int, path: Path) -> Servable:
+        if self.residency is None:
+            return await self._load(name, path)
+        return await self.residency.add(name, version, path, lambda: self._load(name, path))
+
     async def _try_load(self, name: str, version: int, path: Path | Callable[[], Awaitable],
                         retry_max_s: float = _RETRY_MAX_S,
                         before_publish: Callable[[Servable], None] | None = None) -> None:
@@ -330,7 +341,7 @@ class VersionManager:
             return
         self.routing.set_state(name, version, State.LOADING)
         try:
-            service = await (path() if callable(path) else self._load(name, path))
+            service = await (path() if callable(path) else self._load_version(name, version, path))
         except Unavailable as exc:
             if not callable(path):
                 raise

@@ -13,7 +13,7 @@ from modelport.errors import ModelportError
 from modelport.protocol import wire
 
 # For servers that send no "kind" (another V2 or TF Serving server): the closest kind by status.
-_KIND_BY_STATUS = {400: "bad_input", 404: "not_found", 413: "too_large", 429: "overloaded", 503: "unavailable",
+_KIND_BY_STATUS = {400: "bad_input", 404: "not_found", 413: "too_large", 429: "quota_exceeded", 503: "unavailable",
                    504: "deadline_exceeded"}
 
 

@@ -19,7 +19,7 @@ from modelport.runtime import NUMPY_TO_V2, V2_TO_NUMPY
 
 # A gRPC status per error kind: the same kinds as HTTP's statuses and ZeroMQ's error names.
 STATUS_BY_KIND = {"bad_input": "INVALID_ARGUMENT", "not_found": "NOT_FOUND", "too_large": "RESOURCE_EXHAUSTED",
-                  "overloaded": "UNAVAILABLE", "unavailable": "UNAVAILABLE", "deadline_exceeded": "DEADLINE_EXCEEDED",
+                  "overloaded": "UNAVAILABLE", "quota_exceeded": "RESOURCE_EXHAUSTED", "unavailable": "UNAVAILABLE", "deadline_exceeded": "DEADLINE_EXCEEDED",
                   "unauthorized": "UNAUTHENTICATED", "forbidden": "PERMISSION_DENIED", "bad_bundle": "INTERNAL",
                   "missing_extra": "FAILED_PRECONDITION", "internal": "INTERNAL"}
 _TYPED = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",

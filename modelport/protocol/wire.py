@@ -43,7 +43,7 @@ from modelport import errors, untrusted
 
 PROTOCOL_OPS = ("classify", "infer", "ping")
 _KINDS = {cls.kind: cls for cls in (errors.BadInput, errors.NotFound, errors.PayloadTooLarge, errors.Overloaded,
-                                    errors.Unavailable, errors.DeadlineExceeded, errors.Unauthorized, errors.Forbidden,
+                                    errors.Unavailable, errors.QuotaExceeded, errors.DeadlineExceeded, errors.Unauthorized, errors.Forbidden,
                                     errors.BundleError, errors.MissingExtra, errors.ModelportError)}
 
 
@@ -91,6 +91,6 @@ def error_from_wire(error: Any) -> errors.ModelportError:
         return errors.ModelportError(f"malformed error reply: {error!r}")
     cls = _KINDS.get(error.get("kind"), errors.ModelportError)
     message = str(error.get("message", "error"))
-    if issubclass(cls, (errors.Overloaded, errors.Unavailable)):
+    if issubclass(cls, (errors.Overloaded, errors.Unavailable, errors.QuotaExceeded)):
         return cls(message, retry_after_s=float(error.get("retry_after_s", 1.0)))
     return cls(message, input_name=error.get("input"))

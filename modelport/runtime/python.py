@@ -72,6 +72,7 @@ class PythonRuntime:
         close = getattr(self._model, "close", None)
         if callable(close):
             close()
+        self._model = None  # its weights go with it, even while the closed Model is still referenced
 
 
 def _specs(path: Path, model, attr: str) -> list[TensorSpec]:

@@ -28,9 +28,12 @@ from modelport.server.config import ServerConfig
 from modelport.server.http import ClientGone, error_response, internal_error, json_response
 from modelport.server.limits import BodyLimit
 from modelport.server.metrics import CONTENT_TYPE, Metrics
+from modelport.server.access import Access
 from modelport.server.observe import Observe, load_now
+from modelport.server.tenants import Tenants
 from modelport.pipeline.config import PipelineConfig
 from modelport.pipeline.service import PipelineService
+from modelport.lifecycle.residency import Residency
 from modelport.lifecycle.routing import RoutingTable
 from modelport.lifecycle.states import State
 from modelport.lifecycle.versions import VersionManager
@@ -69,6 +72,13 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nobody reads it; logged in metrics as 499, nginx's "client closed"
 
 
+def _serving(app: Starlette) -> int:
+    """The workers serving in this server's cluster (itself at least): what a tenant's quota is shared by."""
+    if app.state.peers is None:
+        return 1
+    return max(1, sum(1 for m in app.state.peers.members.values() if m.state == "ready"))
+
+
 def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, config: ServerConfig, *,
                repository: Path | None = None, watch: bool = True) -> Starlette:
     """Serve fixed ``bundles`` (model name -> version directory, or a function that finds them,
@@ -93,7 +103,12 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 
         if repository is not None:
             watcher = RepositoryWatcher(repository, settle_s=config.settle_s, poll_s=config.poll_s, watch=watch)
-            app.state.versions = VersionManager(watcher, routing, load, load_pipeline=load_pipeline, observer=metrics)
+            residency = None
+            if config.memory_budget_mb is not None:  # measured now: the server's base, before any model
+                residency = Residency(int(config.memory_budget_mb * 2**20), routing, observer=metrics)
+                metrics.follow_residency(residency)
+            app.state.versions = VersionManager(watcher, routing, load, load_pipeline=load_pipeline, observer=metrics,
+                                                residency=residency)
             loading = asyncio.get_running_loop().create_task(_follow_repository(app, app.state.versions))
         else:
             app.state.versions = None
@@ -107,7 +122,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
             port = config.zmq_port or "*"  # 0: any free port, advertised as the real one
             rpc = RpcServer(lambda: routing, address=f"tcp://{config.host}:{port}",
                             max_body_bytes=config.max_body_bytes, timeout_ms=config.timeout_ms, metrics=metrics,
-                            load=lambda answering: load_now(app.state, answering))
+                            load=lambda answering: load_now(app.state, answering), tenants=lambda: app.state.tenants)
             rpc.start()
             logger.info("ZeroMQ on %s", rpc.address)
         grpc_server = bound = None
@@ -122,6 +137,11 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
 
             app.state.membership = membership(config, routing, rpc, bound)
             app.state.on_ready.append(app.state.membership.start)
+            if app.state.tenants is not None:  # each worker enforces quota / the workers serving
+                from modelport.cluster.members import ClusterURL, Directory
+
+                app.state.peers = Directory(ClusterURL.parse(config.cluster))
+                following = asyncio.get_running_loop().create_task(app.state.peers.run(), name="peers")
         try:
             yield
         finally:
@@ -137,6 +157,11 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
                 await rpc.close(config.exit_timeout_s)
             if app.state.membership is not None:
                 await app.state.membership.leave()
+            if app.state.peers is not None:
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await following
+                await app.state.peers.close()
             for task in (loading, trimming):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -151,7 +176,7 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
               *kserve.routes(), *rollouts.routes(), *tfserving.routes()]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id),
+        middleware=[Middleware(Observe, metrics=metrics, worker_id=config.worker_id), Middleware(Access),
                     Middleware(BodyLimit, max_body_bytes=config.max_body_bytes)],
         exception_handlers={ModelportError: _modelport_error, ClientGone: _client_gone,
                             ClientDisconnect: _client_gone, HTTPException: _http_exception,
@@ -164,6 +189,8 @@ def create_app(bundles: dict[str, Path] | Callable[[], dict[str, Path]] | None, 
     app.state.config = config
     app.state.metrics = metrics
     app.state.models = routing
+    app.state.peers = None  # with --keys in a cluster: the member directory, for each tenant's share of its quota
+    app.state.tenants = None if config.keys_file is None else Tenants(config.keys_file, share=lambda: _serving(app))
     app.state.ready = False
     app.state.on_ready = []  # called once every model is loaded and warm
     return app

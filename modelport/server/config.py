@@ -54,3 +54,5 @@ class ServerConfig:
     log_level: str = "info"
     otlp_endpoint: str | None = None  # OTLP/HTTP receiver of traces; None: OTEL_EXPORTER_OTLP_ENDPOINT, or off
     trace_sample: float | None = None  # share of new traces sampled (parent-based); None: 0.01 or OTEL_TRACES_SAMPLER
+    keys_file: str | None = None  # TOML of tenants and their hashed API keys; None: open to anyone (no tenants)
+    memory_budget_mb: float | None = None  # models beyond this stay on disk, loaded on first use; None: all resident

@@ -15,6 +15,7 @@ from starlette.responses import HTMLResponse, Response
 
 import modelport
 from modelport.lifecycle.states import State
+from modelport.server.access import visible
 from modelport.server.http import json_response
 
 
@@ -28,7 +29,7 @@ def describe(request: Request) -> dict:
     routing = request.app.state.models
     models: dict[str, dict] = {}
     for entry in routing.index():
-        if entry["state"] != State.READY:
+        if entry["state"] != State.READY or not visible(request, entry["name"]):
             continue
         service = routing.get(entry["name"], entry["version"], routed=False)
         model = models.setdefault(entry["name"], {"name": entry["name"], "kind": _kind(service), "versions": [],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from contextvars import ContextVar
 import logging
 import time
 
@@ -21,6 +22,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 import modelport
+from modelport.engine import priority
+from modelport.engine.priority import Priority
 from modelport.engine.servable import Servable, Timing
 from modelport.errors import BadInput, ModelportError
 from modelport.lifecycle.states import State
@@ -28,11 +31,15 @@ from modelport.protocol import grpc as codec
 from modelport.protocol import v2
 from modelport.protocol.load import HEADER
 from modelport.server import kserve
+from modelport.server.access import requested
 from modelport.server.admin import check_token
 from modelport.server.observe import load_now
+from modelport.server.tenants import Tenant
 from modelport.server.tracing import traced_request
 
 logger = logging.getLogger("modelport.server")
+PRIORITY_METADATA = "modelport-priority"  # lowers a call's class below its tenant's
+_caller: ContextVar[str | None] = ContextVar("modelport_grpc_tenant", default=None)  # this call's tenant, for metrics
 STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer being worked on at once
 
 
@@ -64,6 +71,7 @@ def _answers(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         started, version, status = time.monotonic(), None, 500
+        _caller.set(None)
         try:
             _check_parsed(request)
             response = await method(self, request, context)
@@ -83,6 +91,9 @@ def _answers(method):
             # Only models it serves: a name from a request is no metric label (unbounded series).
             if method.__name__ == "ModelInfer":
                 self._observe(request, version, status, started)
+                if _caller.get() is not None:
+                    model = request.model_name if version is not None else "-"
+                    self._metrics.observe_tenant(_caller.get(), model, status)
     return wrapper
 
 
@@ -118,6 +129,7 @@ def servicer_class():
 
         @_answers
         async def ModelReady(self, request, context):
+            self._access(context, request.name)
             self._service(request.name, request.version)  # NOT_FOUND for an unknown model or version
             return messages.ModelReadyResponse(ready=bool(self._state.ready))
 
@@ -128,12 +140,15 @@ def servicer_class():
 
         @_answers
         async def ModelMetadata(self, request, context):
+            self._access(context, request.name)
             described = kserve.metadata(self._routing, self._service(request.name, request.version))
             return json_format.ParseDict(described, messages.ModelMetadataResponse(), ignore_unknown_fields=True)
 
         @_answers
         async def ModelStatistics(self, request, context):
-            services = ([self._service(request.name, request.version)] if request.name else list(self._routing))
+            tenant = self._access(context, request.name) if request.name else self._tenant(context)
+            services = ([self._service(request.name, request.version)] if request.name else
+                        [s for s in self._routing if tenant is None or tenant.may_use(s.name)])
             return json_format.ParseDict({"model_stats": [kserve.stats(s) for s in services]},
                                          messages.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
@@ -201,6 +216,15 @@ def servicer_class():
         async def _infer(self, request, context):
             _check_parsed(request)
             routing = self._routing
+            tenant = self._access(context, request.model_name)
+            grant = self._state.tenants.admit(tenant) if tenant is not None else None  # the quota, before the model
+            try:
+                return await self._admitted(routing, request, context)
+            finally:
+                if grant is not None:
+                    grant.release()
+
+        async def _admitted(self, routing, request, context):
             # Refuse before decoding anything (as over HTTP), then pick routed: a canary's pick, once.
             routing.get(request.model_name, request.model_version or None, routed=False).admit()
             service = routing.get(request.model_name, request.model_version or None, routed=True)
@@ -220,6 +244,25 @@ def servicer_class():
             answers = [(n, outputs[n] if k is None else kserve.classification(service, outputs[n], k)) for n, k in asked]
             return codec.response(service.name, service.version, answers, request_id=request.id,
                                   answered_by=",".join(timing.answered_by))
+
+        def _tenant(self, context) -> Tenant | None:
+            """With --keys: the caller's tenant (``authorization: Bearer <key>`` metadata), or 401."""
+            tenants = self._state.tenants
+            if tenants is None:
+                return None
+            tenant = tenants.identify(dict(context.invocation_metadata() or ()).get("authorization"))
+            _caller.set(tenant.name)
+            return tenant
+
+        def _access(self, context, model: str) -> Tenant | None:
+            """The caller may use ``model`` (403 otherwise, whether or not it exists); the request's
+            priority class: its tenant's, or lower (``modelport-priority`` metadata)."""
+            tenant = self._tenant(context)
+            if tenant is not None:
+                self._state.tenants.check_model(tenant, model)
+            asked = dict(context.invocation_metadata() or ()).get(PRIORITY_METADATA)
+            priority.set_current(requested(tenant.priority if tenant is not None else Priority.NORMAL, asked))
+            return tenant
 
         def _load(self) -> tuple[str, str]:
             """The worker's load, as trailing metadata (protocol/load.py); this call is no longer

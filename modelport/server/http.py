@@ -81,6 +81,9 @@ async def start(request: Request, pick: Callable[..., Servable],
     # Refuse an overloaded or unknown model before reading the body: under overload, reading and
     # parsing bodies that will be refused anyway would eat the CPU the accepted requests need.
     # Not a routing decision: a canary's pick is made once, below.
+    tenant = request.scope.get("state", {}).get("tenant")
+    if tenant is not None:  # the tenant's quota first: a tenant over it is refused without a look at the model
+        request.state.grant = request.app.state.tenants.admit(tenant)
     pick(routed=False).admit()
     body = await read_body(request)
     # The version is picked after the body has arrived: a version switch during a slow upload

@@ -22,6 +22,7 @@ from modelport.engine.servable import Servable
 from modelport.errors import BadInput
 from modelport.lifecycle.states import State
 from modelport.protocol import v2
+from modelport.server.access import visible
 from modelport.server.admin import authorise, version_manager
 from modelport.server.http import json_response, start, unless_disconnected
 
@@ -82,7 +83,8 @@ def _plain(metadata: dict) -> dict:
 
 
 async def model_stats(request: Request) -> Response:
-    services = [_service(request)] if "model" in request.path_params else list(request.app.state.models)
+    services = [_service(request)] if "model" in request.path_params else \
+        [s for s in request.app.state.models if visible(request, s.name)]
     return json_response({"model_stats": [stats(s) for s in services]})
 
 
@@ -178,7 +180,7 @@ async def repository_index(request: Request) -> Response:
     body = await request.body()
     options = untrusted.mapping(untrusted.json_body(body), "request body") if body.strip() else {}
     ready_only = untrusted.flag(options.get("ready"), "ready")
-    entries = request.app.state.models.index()
+    entries = request.app.state.models.index(resident=True)  # resident: in memory, or on disk (--memory-budget-mb)
     if ready_only:
         entries = [e for e in entries if e["state"] == State.READY]
     return json_response(entries)

@@ -10,6 +10,7 @@ from modelport.engine.batching import BatchInfo
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_LOAD_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -20,6 +21,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter("modelport_requests", "Requests answered, by model, protocol and HTTP status.",
                                 ["model", "version", "protocol", "status"], registry=r)
+        # Tenants come from the keys file only, and models from what the server serves: bounded labels.
+        self.tenant_requests = Counter("modelport_tenant_requests", "Requests answered, by tenant (--keys), model "
+                                       "('-' before one was chosen: 401, 403, 429) and HTTP status.",
+                                       ["tenant", "model", "status"], registry=r)
         self.request_duration = Histogram("modelport_request_duration_seconds", "Time from arrival to answer.",
                                           ["model", "protocol"], buckets=_LATENCY_BUCKETS, registry=r)
         self.decode_duration = Histogram("modelport_decode_duration_seconds", "Image decode + preprocess per request.",
@@ -56,6 +61,17 @@ class Metrics:
         self.predicted_queue = Gauge("modelport_predicted_queue_seconds", "How long a request arriving now would "
                                      "wait for its batch to start, as the batcher predicts it.", ["model", "version"],
                                      registry=r)
+        # Under --memory-budget-mb (lifecycle/residency.py): loads, evictions, and what is resident.
+        self.model_loads = Counter("modelport_model_loads", "Model versions loaded, by reason: 'new' (it appeared, "
+                                   "or the server started), 'demand' (a request found it on disk).",
+                                   ["model", "reason"], registry=r)
+        self.model_evictions = Counter("modelport_model_evictions", "Model versions unloaded to make room under "
+                                       "the memory budget (still on disk, loaded again on first use).", ["model"],
+                                       registry=r)
+        self.model_load_duration = Histogram("modelport_model_load_seconds", "Time to load and warm a model "
+                                             "version, by reason.", ["reason"], buckets=_LOAD_BUCKETS, registry=r)
+        self.model_load_wait = Histogram("modelport_model_load_wait_seconds", "Time a request waited for its model "
+                                         "version to load from disk.", buckets=_LOAD_BUCKETS, registry=r)
 
     def rollout_stage_changed(self, model: str, version: int, stage: str) -> None:
         for old in ("shadow", "canary", "promoted", "rolled_back"):
@@ -75,8 +91,35 @@ class Metrics:
         self.batch_size_limit.labels(*labels).set_function(lambda: batcher.planner.cap)
         self.predicted_queue.labels(*labels).set_function(batcher.predicted_wait_s)
 
+    def follow_residency(self, residency) -> None:
+        """The memory budget's gauges, read at each scrape (created only for a server with a budget)."""
+        r = self.registry
+        Gauge("modelport_memory_budget_bytes", "The memory budget (--memory-budget-mb).",
+              registry=r).set(residency.budget_bytes)
+        Gauge("modelport_memory_base_bytes", "The server's RSS before any model loaded: the budget is on top of it.",
+              registry=r).set(residency.base_bytes)
+        Gauge("modelport_memory_in_use_bytes", "What counts against the budget now: the larger of the resident "
+              "versions' sizes and the RSS above the base.", registry=r).set_function(residency.in_use_bytes)
+        Gauge("modelport_model_resident_bytes", "The resident model versions' sizes (each: RSS growth over its "
+              "load).", registry=r).set_function(lambda: residency.resident_bytes)
+        Gauge("modelport_models_resident", "Model versions in memory now (the others wait on disk).",
+              registry=r).set_function(lambda: len(residency.resident()))
+
+    def model_loaded(self, model: str, version: int, reason: str, seconds: float) -> None:
+        self.model_loads.labels(model, reason).inc()
+        self.model_load_duration.labels(reason).observe(seconds)
+
+    def model_evicted(self, model: str, version: int) -> None:
+        self.model_evictions.labels(model).inc()
+
+    def load_waited(self, seconds: float) -> None:
+        self.model_load_wait.observe(seconds)
+
     def in_flight_now(self) -> int:
         return int(self.in_flight._value.get())  # prometheus_client keeps the number here
+
+    def observe_tenant(self, tenant: str, model: str, status: int) -> None:
+        self.tenant_requests.labels(tenant, model, str(status)).inc()
 
     def observe_request(self, model: str, version: int | str, protocol: str, status: int, seconds: float) -> None:
         key = (model, version, protocol, status)

@@ -91,6 +91,12 @@ class Observe:
             finally:
                 if counted:
                     self.metrics.in_flight.dec()
+                if "grant" in state:  # the tenant's request in flight is over
+                    state["grant"].release()
+                if "tenant" in state:
+                    self.metrics.observe_tenant(state["tenant"].name, state.get("model", "-"), status)
+                    if span is not None:
+                        span.set_attribute("modelport.tenant", state["tenant"].name)
                 model = state.get("model")
                 if model is not None:  # only model requests: health checks and metrics scrapes are noise
                     self.metrics.observe_request(model, state["version"], _protocol(scope["path"]), status,

@@ -19,6 +19,10 @@ from modelport import untrusted
 
 from modelport.protocol import wire
 from modelport.protocol.load import Load
+from modelport.engine import priority
+from modelport.engine.priority import Priority
+from modelport.server.access import requested
+from modelport.server.tenants import Grant, Tenant, Tenants
 from modelport.server.tracing import traced_request
 from modelport.errors import BadInput, ModelportError, PayloadTooLarge
 from modelport.lifecycle.routing import RoutingTable
@@ -31,9 +35,11 @@ _OVERHEAD_BYTES = 64 * 1024  # room for the msgpack envelope around a body of th
 
 class RpcServer:
     def __init__(self, models: Callable[[], RoutingTable], *, address: str, max_body_bytes: int, timeout_ms: float,
-                 metrics=None, load: Callable[[int], Load] | None = None) -> None:
+                 metrics=None, load: Callable[[int], Load] | None = None,
+                 tenants: Callable[[], Tenants | None] = lambda: None) -> None:
         self._models = models
         self._load = load  # the worker's load besides N answering, sent back with every reply (protocol/load.py)
+        self._tenants = tenants  # with --keys: every inference request needs its tenant's key
         self._timeout_ms = timeout_ms
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
@@ -80,7 +86,7 @@ class RpcServer:
     async def _handle(self, identity: bytes, frame: bytes) -> None:
         start = time.monotonic()
         request_id = None
-        service = None
+        service = tenant = None
         counted = False
         try:
             if len(frame) > self._max_body_bytes:
@@ -96,12 +102,17 @@ class RpcServer:
             if op == "ping":
                 reply = {"id": request_id, "ok": True}
             else:
+                grant, tenant = self._access(request)
                 counted = True  # an inference request: in the load the worker reports
                 self._count(1)
-                service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
-                    if request.get("model") else self._models().default()
-                with traced_request(service, "zmq", request.items):
-                    reply = await self._infer(service, op, request)
+                try:
+                    service = self._models().get(request["model"], untrusted.version(request.get("version"))) \
+                        if request.get("model") else self._models().default()
+                    with traced_request(service, "zmq", request.items):
+                        reply = await self._infer(service, op, request)
+                finally:
+                    if grant is not None:
+                        grant.release()
             status = 200
         except ModelportError as exc:
             reply = {"id": request_id, "ok": False, "error": wire.error_to_wire(exc)}
@@ -115,6 +126,8 @@ class RpcServer:
         await self._reply(identity, reply, answering=int(counted))
         if counted:
             self._count(-1)
+        if tenant is not None and self._metrics is not None:
+            self._metrics.observe_tenant(tenant.name, service.name if service is not None else "-", status)
         if service is not None and self._metrics is not None:
             self._metrics.observe_request(service.name, service.version, "zmq", status, time.monotonic() - start)
 
@@ -153,6 +166,23 @@ class RpcServer:
         return _answered_by(timing, {"id": request.get("id"), "ok": True, "model": service.name,
                                      "version": str(service.version),
                                      "outputs": {name: wire.tensor_to_wire(outputs[name]) for name in names}})
+
+    def _access(self, request: dict) -> tuple[Grant | None, Tenant | None]:
+        """With --keys: the request's ``key`` field names its tenant (401), who may use the model
+        (403, whether or not it exists) within its quota (429); its ``priority`` field may lower
+        its class below the tenant's."""
+        tenants = self._tenants()
+        tenant = grant = None
+        if tenants is not None:
+            tenant = tenants.identify_key(request.get("key"))
+            model = request.get("model") or self._models().default(routed=False).name
+            tenants.check_model(tenant, str(model))
+            grant = tenants.admit(tenant)
+        asked = request.get("priority")
+        if asked is not None and not isinstance(asked, str):
+            raise BadInput("priority must be a string: high, normal or batch")
+        priority.set_current(requested(tenant.priority if tenant is not None else Priority.NORMAL, asked))
+        return grant, tenant
 
     def _count(self, step: int) -> None:
         if self._metrics is not None:
