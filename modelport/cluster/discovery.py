@@ -116,11 +116,14 @@ class Endpoint:
 
     def note_load(self, load) -> None:
         """The load the worker reported with an answer, as the answer arrives (in-band,
-        ``protocol/load.py``), kept as the requests it holds besides ours: the report counts our
-        others there too (all but the one it answers, still in flight here). It counts while it is
+        ``protocol/load.py``), kept as the requests it holds besides ours while some are waiting
+        there: the report counts our others too (all but the one it answers, still in flight here). It counts while it is
         recent (a quarter of the decay time): an older report says little about now, and a worker
         not chosen for a while competes as a fresh one."""
-        self.others, self.others_at = max(0, load.in_flight - (self.in_flight - 1)), time.monotonic()
+        # Only a worker that has requests waiting is loaded in a way that delays the next one (one
+        # running, or a hedge's loser still counted there, is not).
+        others = max(0, load.in_flight - (self.in_flight - 1)) if load.queued else 0
+        self.others, self.others_at = others, time.monotonic()
 
 
 class RetryBudget:
