@@ -19,7 +19,7 @@ from conftest import make_tiny_bundle
 from modelport import AsyncClient, Client
 from modelport.errors import NotFound, Overloaded, Unavailable
 from modelport.server.cluster import worker_id
-from servers import Gate, free_port, make_gate_bundle, metric, wait_until
+from servers import Gate, free_port, in_fresh_process, make_gate_bundle, metric, wait_until
 from test_rpc import expected_logits
 
 TTL_WAIT = 5.0  # longer than a worker's lease (3 s): a SIGKILLed worker's key is gone by then
@@ -220,6 +220,7 @@ def test_clients_find_workers_over_grpc_by_the_address_they_advertise(cluster):
     assert resolved.startswith(f"127.0.0.1:{grpc_port}  {worker_id(worker.port)}")
 
 
+@in_fresh_process  # the client's hedging reads its own timing: a pytest process grown by the suite skews it
 def test_p95_hedging_waits_for_the_other_workers_not_for_the_slow_one(cluster, tmp_path):
     """One worker ten times slower than the other: its answers are more than 5 % of all, so the
     overall p95 is its latency; hedging at the p95 of the *other* worker still cuts that tail."""
