@@ -17,6 +17,7 @@ from modelport.errors import BadInput, ModelportError
 from modelport.server.http import error_response
 
 PRIORITY_HEADER = "x-modelport-priority"  # lowers the request's class below its tenant's
+_PRIORITY_HEADER = PRIORITY_HEADER.encode()
 _MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
 
 
@@ -28,16 +29,22 @@ class Access:
         keyed, model = _about(scope) if scope["type"] == "http" else (False, None)
         if keyed:
             tenants = scope["app"].state.tenants
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            authorization = asked = None
+            for name, value in scope["headers"]:  # the two headers it reads, without decoding the rest
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif name == _PRIORITY_HEADER:
+                    asked = value.decode("latin-1")
             try:
                 ceiling = priority.Priority.NORMAL  # without tenants a request may still lower itself
                 if tenants is not None:
-                    tenant = tenants.identify(headers.get("authorization"))
+                    tenant = tenants.identify(authorization)
                     scope.setdefault("state", {})["tenant"] = tenant  # its 403s and 429s are counted too
                     if model is not None:
                         tenants.check_model(tenant, model)
                     ceiling = tenant.priority
-                priority.set_current(requested(ceiling, headers.get(PRIORITY_HEADER)))
+                if asked is not None or ceiling is not priority.Priority.NORMAL:  # normal is every task's default
+                    priority.set_current(requested(ceiling, asked))
             except ModelportError as exc:
                 await error_response(exc)(scope, receive, send)
                 return

@@ -245,22 +245,24 @@ def servicer_class():
             return codec.response(service.name, service.version, answers, request_id=request.id,
                                   answered_by=",".join(timing.answered_by))
 
-        def _tenant(self, context) -> Tenant | None:
+        def _tenant(self, context, metadata: dict | None = None) -> Tenant | None:
             """With --keys: the caller's tenant (``authorization: Bearer <key>`` metadata), or 401."""
             tenants = self._state.tenants
             if tenants is None:
                 return None
-            tenant = tenants.identify(dict(context.invocation_metadata() or ()).get("authorization"))
+            metadata = dict(context.invocation_metadata() or ()) if metadata is None else metadata
+            tenant = tenants.identify(metadata.get("authorization"))
             _caller.set(tenant.name)
             return tenant
 
         def _access(self, context, model: str) -> Tenant | None:
             """The caller may use ``model`` (403 otherwise, whether or not it exists); the request's
             priority class: its tenant's, or lower (``modelport-priority`` metadata)."""
-            tenant = self._tenant(context)
+            metadata = dict(context.invocation_metadata() or ())
+            tenant = self._tenant(context, metadata)
             if tenant is not None:
                 self._state.tenants.check_model(tenant, model)
-            asked = dict(context.invocation_metadata() or ()).get(PRIORITY_METADATA)
+            asked = metadata.get(PRIORITY_METADATA)
             priority.set_current(requested(tenant.priority if tenant is not None else Priority.NORMAL, asked))
             return tenant
 
