@@ -1,13 +1,23 @@
 """Issue 26's gRPC figures: gRPC against HTTP KServe V2 on the same server process, same run.
 
-    python benchmarks/grpc_vs_http.py [--count 600]
+    python benchmarks/grpc_vs_http.py [--count 1200] [--rounds 3]
 
-1. Round trip with a trivial model (no image work), one request at a time: gRPC ModelInfer (a raw
-   tensor, grpcio's blocking stub) against raw keep-alive HTTP (KServe V2 binary tensor).
-2. The default model with 32 requests in flight: gRPC ModelInfer with the encoded image as
-   `image_bytes` and the classification parameter (grpc.aio, one channel) against HTTP KServe V2
-   binary + classification extension, the same JPEGs, every answer's top-1 label checked.
-Bars: gRPC throughput >= HTTP's (ratio >= 1.0), trivial p50 gRPC <= HTTP's (ratio <= 1.0).
+Needs h2load (Debian's nghttp2-client): one C client that speaks both protocols, so that a ratio
+measures the two servers and not two client libraries.
+
+1. Trivial model (no image work), one request at a time, p50 of the round trip:
+   a. the same client on both sides: h2load sends a gRPC ModelInfer (a raw tensor, HTTP/2) and the
+      KServe V2 binary request (HTTP/1.1, keep-alive) -> the bar's figure;
+   b. Python clients, for what a user's script sees: grpcio's blocking stub against a raw-socket
+      HTTP client, and Triton's own clients (tritonclient.grpc against tritonclient.http).
+2. Trivial model, 32 in flight, h2load (gRPC: 32 streams on one connection; HTTP: 32 connections).
+3. The default model with 32 requests in flight: gRPC ModelInfer with the encoded image as
+   ``image_bytes`` and the classification parameter (grpc.aio, one channel) against HTTP KServe V2
+   binary + classification (raw sockets), the same JPEGs, every answer's top-1 label checked -> the
+   bar's figure; and the same with h2load on both sides (one JPEG), every answer counted as a
+   success in the server's own metrics.
+The protocols alternate round by round, so drift hits both alike. Bars: gRPC throughput >= HTTP's
+(ratio >= 1.0); trivial p50 gRPC <= HTTP's (ratio <= 1.0).
 """
 
 from __future__ import annotations
@@ -15,7 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +47,49 @@ from http_server import free_port, start_server  # noqa: E402
 from modelport.engine.model import Model  # noqa: E402
 from modelport.packaged import default_model  # noqa: E402
 from modelport.protocol import grpc as codec  # noqa: E402
+from servers import metric  # noqa: E402
 
 
 def cpu_flags() -> str:
     flags = set(open("/proc/cpuinfo").read().split())
     return " ".join(sorted(f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags))
+
+
+class H2load:
+    """h2load against one server: a gRPC call (HTTP/2, one connection) and a V2 request (HTTP/1.1)."""
+
+    def __init__(self, tmp: Path, port: int, gport: int, model: str, grpc_message: bytes, v2_body: bytes,
+                 v2_header_length: int) -> None:
+        self.tmp, self.port, self.gport, self.model = tmp, port, gport, model
+        (tmp / "grpc.bin").write_bytes(struct.pack(">BI", 0, len(grpc_message)) + grpc_message)
+        (tmp / "v2.bin").write_bytes(v2_body)
+        self.v2_header_length = v2_header_length
+
+    def run(self, protocol: str, count: int, in_flight: int) -> tuple[float, float]:
+        """(p50 s, requests/s); every request must have succeeded."""
+        log = self.tmp / "h2load.log"
+        log.unlink(missing_ok=True)  # h2load appends to it
+        if protocol == "grpc":
+            args = ["-c", "1", "-m", str(in_flight), "-d", str(self.tmp / "grpc.bin"), "-H", "content-type: application/grpc",
+                    "-H", "te: trailers", f"http://127.0.0.1:{self.gport}/inference.GRPCInferenceService/ModelInfer"]
+        else:
+            args = ["--h1", "-c", str(in_flight), "-m", "1", "-d", str(self.tmp / "v2.bin"),
+                    "-H", f"inference-header-content-length: {self.v2_header_length}",
+                    f"http://127.0.0.1:{self.port}/v2/models/{self.model}/infer"]
+        # gRPC answers a failed call with HTTP 200 and grpc-status: count successes on the server.
+        before = self._answered(protocol)
+        out = subprocess.run(["h2load", "-n", str(count), "--log-file", str(log)] + args,
+                             capture_output=True, text=True, check=True).stdout
+        answered = self._answered(protocol) - before
+        if f"{count} succeeded" not in out or answered != count:
+            raise SystemExit(f"h2load {protocol}: not every request answered ({answered} of {count}):\n{out}")
+        times = [int(line.split()[2]) / 1e6 for line in log.read_text().splitlines()]
+        rate = float(next(line for line in out.splitlines() if line.startswith("finished in")).split(",")[1].split()[0])
+        return statistics.median(times), rate
+
+    def _answered(self, protocol: str) -> float:
+        return metric(f"http://127.0.0.1:{self.port}", "modelport_requests_total", model=self.model,
+                      protocol="grpc" if protocol == "grpc" else "kserve", status="200")
 
 
 def grpc_round_trips(port: int, request, count: int) -> list[float]:
@@ -49,6 +100,19 @@ def grpc_round_trips(port: int, request, count: int) -> list[float]:
             start = time.perf_counter()
             stub.ModelInfer(request)
             times.append(time.perf_counter() - start)
+    return times
+
+
+def triton_round_trips(client, tensor: np.ndarray, count: int) -> list[float]:
+    """Triton's own client, gRPC or HTTP (their InferInput classes differ, the calls do not)."""
+    module = type(client).__module__.rsplit(".", 1)[0]
+    infer_input = sys.modules[module].InferInput("image", list(tensor.shape), "FP32")
+    infer_input.set_data_from_numpy(tensor, **({"binary_data": True} if "http" in module else {}))
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.infer("tiny", [infer_input])
+        times.append(time.perf_counter() - start)
     return times
 
 
@@ -74,35 +138,76 @@ async def grpc_closed_loop(port: int, requests: list, concurrency: int, count: i
         return count / (time.perf_counter() - start), wrong
 
 
+def ratio_line(what: str, g: list[float], h: list[float], unit: str, scale: float, bar: str) -> str:
+    gm, hm = statistics.median(g) * scale, statistics.median(h) * scale
+    rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(g, h))
+    return f"{what}: gRPC {gm:.3f} {unit}, HTTP {hm:.3f} {unit}; gRPC / HTTP = {gm / hm:.2f} (rounds: {rounds}){bar}"
+
+
+def v2_tensor_body(tensor: np.ndarray) -> tuple[bytes, int]:
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(tensor.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": tensor.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + tensor.tobytes(), len(header)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--count", type=int, default=600)
+    parser.add_argument("--count", type=int, default=1200, help="default-model requests per protocol per round")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        raise SystemExit("needs h2load: apt-get install nghttp2-client")
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
     bundle = default_model.ensure_default_model()
     from conftest import make_tiny_bundle
 
+    lines = [f"CPU flags: {cpu_flags()}; 2 cores; {args.rounds} rounds, the protocols alternating"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # -- trivial model round trips
+        # -- trivial model
         make_tiny_bundle(tmp / "repo" / "tiny" / "1")
         port, gport = free_port(), free_port()
         proc, _ = start_server([str(tmp / "repo"), "--grpc-port", str(gport)], port, tmp / "tiny.log")
         tensor = np.zeros((1, 3, 8, 8), np.float32)
         greq = codec.infer_request("tiny", None, {"image": tensor}, [])
-        header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32",
-                                         "parameters": {"binary_data_size": tensor.nbytes}}],
-                             "parameters": {"binary_data_output": True}}).encode()
-        hreq = [(loadgen.request_bytes("POST", "/v2/models/tiny/infer", header + tensor.tobytes(),
-                                       {"Inference-Header-Content-Length": str(len(header))}),
+        body, header_length = v2_tensor_body(tensor)
+        h2 = H2load(tmp, port, gport, "tiny", greq.SerializeToString(), body, header_length)
+        hreq = [(loadgen.request_bytes("POST", "/v2/models/tiny/infer", body,
+                                       {"Inference-Header-Content-Length": str(header_length)}),
                  lambda b: b'"outputs"' in b)]
+        tg = triton_grpc.InferenceServerClient(f"127.0.0.1:{gport}")
+        th = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
+        for protocol in ("grpc", "v2"):  # warm up
+            h2.run(protocol, 300, 1)
         grpc_round_trips(gport, greq, 300)
         loadgen.run(port, hreq, concurrency=1, count=300)
-        g_times, h_p50s = [], []
-        for _ in range(2):  # alternate, so drift hits both alike
-            g_times += grpc_round_trips(gport, greq, 1500)
-            h_p50s.append(loadgen.run(port, hreq, concurrency=1, count=1500).p50)
+        triton_round_trips(tg, tensor, 100), triton_round_trips(th, tensor, 100)
+        same = {"grpc": [], "v2": []}
+        flood = {"grpc": [], "v2": []}
+        python = {"grpc": [], "v2": []}
+        triton = {"grpc": [], "v2": []}
+        for _ in range(args.rounds):
+            for protocol in ("grpc", "v2"):
+                same[protocol].append(h2.run(protocol, 2000, 1)[0])
+            for protocol in ("grpc", "v2"):
+                flood[protocol].append(h2.run(protocol, 8000, 32)[1])
+            python["grpc"].append(statistics.median(grpc_round_trips(gport, greq, 1500)))
+            python["v2"].append(loadgen.run(port, hreq, concurrency=1, count=1500).p50)
+            triton["grpc"].append(statistics.median(triton_round_trips(tg, tensor, 1000)))
+            triton["v2"].append(statistics.median(triton_round_trips(th, tensor, 1000)))
+        tg.close(), th.close()
         proc.terminate()
         proc.wait(timeout=60)
+        lines.append(ratio_line("trivial model, C=1, p50, h2load on both sides", same["grpc"], same["v2"], "ms", 1000,
+                                " (bar <= 1.0)"))
+        lines.append(ratio_line("trivial model, C=1, p50, grpcio blocking stub / raw-socket HTTP", python["grpc"],
+                                python["v2"], "ms", 1000, ""))
+        lines.append(ratio_line("trivial model, C=1, p50, tritonclient.grpc / tritonclient.http", triton["grpc"],
+                                triton["v2"], "ms", 1000, ""))
+        lines.append(ratio_line("trivial model, 32 in flight, h2load, req/s", flood["grpc"], flood["v2"], "req/s", 1, ""))
 
         # -- default model, 32 in flight
         files = photo_files(tmp / "photos")
@@ -113,26 +218,32 @@ def main() -> None:
         grequests = [(codec.infer_request(default_model.NAME, None, [d], [("probabilities", 1)]), label)
                      for d, label in zip(datas, labels)]
         hrequests = v2_classify_requests(datas, labels, default_model.NAME)
+        raw = hrequests[0][0]
+        head, _, body = raw.partition(b"\r\n\r\n")
+        header_length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                 if line.lower().startswith(b"inference-header-content-length")))
+        h2 = H2load(tmp, port, gport, default_model.NAME, grequests[0][0].SerializeToString(), body, header_length)
         asyncio.run(grpc_closed_loop(gport, grequests, 8, 48))
         loadgen.run(port, hrequests, concurrency=8, count=48)
-        g_rates, h_rates, g_wrong, h_wrong = [], [], 0, 0
-        for _ in range(2):
-            rate, wrong = asyncio.run(grpc_closed_loop(gport, grequests, 32, args.count // 2))
-            g_rates.append(rate)
+        rates = {"grpc": [], "v2": []}
+        same = {"grpc": [], "v2": []}
+        g_wrong = h_wrong = 0
+        for _ in range(args.rounds):
+            rate, wrong = asyncio.run(grpc_closed_loop(gport, grequests, 32, args.count))
+            rates["grpc"].append(rate)
             g_wrong += wrong
-            r = loadgen.run(port, hrequests, concurrency=32, count=args.count // 2)
-            h_rates.append(r.throughput)
+            r = loadgen.run(port, hrequests, concurrency=32, count=args.count)
+            rates["v2"].append(r.throughput)
             h_wrong += r.wrong + r.errors
+            for protocol in ("grpc", "v2"):
+                same[protocol].append(h2.run(protocol, args.count, 32)[1])
         proc.terminate()
         proc.wait(timeout=60)
-
-    g50, h50 = statistics.median(g_times) * 1000, statistics.median(h_p50s) * 1000
-    print(f"CPU flags: {cpu_flags()}; 2 cores")
-    print(f"trivial model round trip, C=1, 3000 requests each: gRPC p50 {g50:.3f} ms, HTTP p50 {h50:.3f} ms; "
-          f"gRPC / HTTP = {g50 / h50:.2f} (bar <= 1.0)")
-    g_rate, h_rate = statistics.mean(g_rates), statistics.mean(h_rates)
-    print(f"default model, 32 in flight, {args.count} requests each: gRPC {g_rate:.1f} img/s, HTTP {h_rate:.1f} img/s, "
-          f"gRPC / HTTP = {g_rate / h_rate:.2f} (bar >= 1.0); wrong or failed: gRPC {g_wrong}, HTTP {h_wrong}")
+        lines.append(ratio_line(f"default model, 32 in flight, {args.count} requests a round, img/s, grpc.aio / raw-socket HTTP",
+                                rates["grpc"], rates["v2"], "img/s", 1, f" (bar >= 1.0); wrong or failed: gRPC {g_wrong}, HTTP {h_wrong}"))
+        lines.append(ratio_line("default model, 32 in flight, img/s, h2load on both sides", same["grpc"], same["v2"],
+                                "img/s", 1, ""))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

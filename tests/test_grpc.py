@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -351,3 +352,66 @@ def test_a_callers_made_up_versions_never_become_metric_labels(hardened_server):
     text = httpx.get(server.url + "/metrics").text
     assert "made-up" not in text
     assert 'protocol="grpc"' in text  # the calls were counted, with a version the server knows ("-")
+
+
+# -- the transport (HTTP/2 and gRPC's framing, server/grpc_transport.py) ----------------------------
+
+def test_compressed_calls_are_answered_and_unknown_methods_are_unimplemented(hardened_server):
+    server, _ = hardened_server
+    request = grpcclient.service_pb2.ModelInferRequest(model_name=fuzzing.MODEL, id="z")
+    request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
+    request.raw_input_contents.append(bytes(4 * 3 * 8 * 8))
+    answer = grpcclient.service_pb2.ModelInferResponse.FromString
+    for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+        with grpc.insecure_channel(server.grpc_address, compression=compression) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                        response_deserializer=answer)
+            assert infer(request.SerializeToString(), timeout=30).outputs[0].shape == [1, 4]
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                           response_deserializer=grpcclient.service_pb2.ModelStreamInferResponse.FromString)
+            answers = list(stream(iter([request.SerializeToString()] * 3), timeout=30))
+            assert [a.infer_response.id for a in answers if not a.error_message] == ["z"] * 3
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary("/inference.GRPCInferenceService/Nope")(b"", timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_what_is_not_grpc_on_the_grpc_port_is_refused_and_the_port_goes_on(hardened_server):
+    """HTTP/1.1, a broken HTTP/2 connection and HTTP/2 that is not gRPC: each refused on its own
+    connection; calls on others are answered and the server logs no traceback."""
+    import socket
+
+    server, _ = hardened_server
+    host, port = server.grpc_address.rsplit(":", 1)
+    log_from = len(server.log.read_text())
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", preface + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" * 3,
+                    preface + bytes(range(256)) * 4):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(garbage)
+            received = b""
+            while chunk := sock.recv(65536):  # the server closes it (after a GOAWAY)
+                received += chunk
+    with httpx.Client(http1=False, http2=True) as h2client:  # HTTP/2 with prior knowledge, not gRPC
+        answer = h2client.post(f"http://{server.grpc_address}/inference.GRPCInferenceService/ServerLive",
+                               content=b"{}", headers={"content-type": "application/json"})
+        assert answer.status_code == 415
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    assert client.is_server_live() and client.is_model_ready(fuzzing.MODEL)
+    client.close()
+    assert "Traceback" not in server.log.read_text()[log_from:]
+
+
+def test_a_call_in_flight_when_the_server_stops_is_answered(gated):
+    server, gate, client = gated
+    gate.close()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.infer, "gate", [gate_input()])
+        wait_until(lambda: len(gate.batches()) == 1)
+        server.proc.send_signal(signal.SIGTERM)  # GOAWAY: no new calls; this one goes on
+        time.sleep(0.5)
+        assert server.proc.poll() is None
+        gate.open()
+        assert held.result(timeout=20).as_numpy("logits").shape == (1, 4)
+    assert server.proc.wait(timeout=30) == 0

@@ -33,6 +33,7 @@ from modelport.protocol.load import HEADER
 from modelport.server import kserve
 from modelport.server.access import requested
 from modelport.server.admin import check_token
+from modelport.server.grpc_transport import GrpcServer, Method
 from modelport.server.observe import load_now
 from modelport.server.tenants import Tenant
 from modelport.server.tracing import traced_request
@@ -316,21 +317,13 @@ def servicer_class():
 
 
 async def start(state, host: str, port: int, max_message_bytes: int):
-    """A gRPC server on the running event loop; returns it and the port it listens on."""
-    _, stubs = codec.messages()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+    """A gRPC server on the running event loop (``grpc_transport``); returns it and the port it
+    listens on."""
     messages, _ = codec.messages()
     servicer = servicer_class()(state)
     service = messages.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
-    for method in service.methods:
-        request_class = getattr(messages, method.input_type.name)
-        response_class = getattr(messages, method.output_type.name)
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request_class),
-                                     response_serializer=response_class.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    return server, bound
+    methods = {f"/{service.full_name}/{m.name}": Method(
+        getattr(servicer, m.name), _lenient(getattr(messages, m.input_type.name)),
+        getattr(messages, m.output_type.name).SerializeToString, streaming=m.client_streaming) for m in service.methods}
+    server = GrpcServer(methods, max_message_bytes)
+    return server, await server.start(host, port)
