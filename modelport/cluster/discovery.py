@@ -64,7 +64,10 @@ class LatencyWindow:
         self._samples += 1
 
     def quantiles(self) -> tuple[float, float]:
-        if self._values and (self._sorted_at < 0 or self._samples - self._sorted_at >= self._every):
+        # While the window is short, one sample moves the quantiles a lot (a worker's cold first
+        # answer would stand as the median for ``every`` requests): sorted on every new one then.
+        every = 1 if len(self._values) < 4 * self._every else self._every
+        if self._values and (self._sorted_at < 0 or self._samples - self._sorted_at >= every):
             ordered = sorted(self._values)
             self._quantiles = (ordered[len(ordered) // 2], ordered[int(0.95 * (len(ordered) - 1))])
             self._sorted_at = self._samples
@@ -378,14 +381,22 @@ class Discovery:
             return self.hedge_after_ms / 1000
         if len(self._latencies) < 20:
             return None  # not enough answers yet to know the tail
-        others = []
+        others, unsettled = [], []
         for member in self.candidates(model, version):
             endpoint = self.endpoints.get(member.id)
             if endpoint is not None and endpoint is not first and not endpoint.gone:
                 p95 = endpoint.p95()
                 if p95 is not None:
                     others.append(p95)
-        return statistics.median(others) if others else self._latencies.quantiles()[1]
+                elif endpoint.ewma_s:
+                    unsettled.append(endpoint.ewma_s)
+        if others:
+            return statistics.median(others)
+        # No other worker has answered often enough for a p95 of its own (a slow one that is
+        # seldom chosen never does): hedge at the overall p95, but not before the others are known
+        # to answer. A hedge sent sooner cannot win, and at the overall p95 it would copy every
+        # twentieth request to the slow worker.
+        return max([self._latencies.quantiles()[1]] + unsettled)
 
     def _record(self, endpoint: Endpoint, latency_s: float) -> None:
         endpoint.latencies.add(latency_s)
