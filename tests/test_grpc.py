@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -415,3 +417,66 @@ def test_a_call_in_flight_when_the_server_stops_is_answered(gated):
         gate.open()
         assert held.result(timeout=20).as_numpy("logits").shape == (1, 4)
     assert server.proc.wait(timeout=30) == 0
+
+
+def test_a_config_files_server_table_turns_grpc_on_and_the_command_line_wins(tmp_path):
+    make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=8)
+    grpc_port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(f'[server]\nrepository = "{tmp_path / "repo"}"\ngrpc-port = {grpc_port}\nport = 1\n'
+                      'max_batch_size = 3\n')
+    server = Server("--config", str(config), log=tmp_path / "server.log").wait_ready()  # --port beats port = 1
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_model_ready("gate")
+        client.close()
+        assert metric(server.url, "modelport_batch_size_limit", model="gate") == 3  # the bundle says 8
+    finally:
+        server.stop()
+    config.write_text("[server]\ngrpc_prt = 8001\n")
+    wrong = subprocess.run([sys.executable, "-m", "modelport", "serve", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "no setting 'grpc_prt'" in wrong.stderr and "grpc_port" in wrong.stderr
+
+
+def test_slow_grpc_clients_are_cut_off_and_others_are_served(tmp_path):
+    """A connection that starts no call, and a call whose message never completes, are ended
+    after the read timeout; a call on another connection meanwhile is answered."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1)
+    grpc_port = free_port()
+    server = Server(str(tmp_path / "repo"), "--read-timeout-s", "1", log=tmp_path / "server.log",
+                    grpc_port=grpc_port).wait_ready()
+    try:
+        silent = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        h2c.initiate_connection()
+        h2c.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"),
+                             (b":path", b"/inference.GRPCInferenceService/ServerLive"), (b"te", b"trailers"),
+                             (b"content-type", b"application/grpc")])
+        h2c.send_data(1, b"\x00\x00\x00\x00\x10")  # a 16-byte message that never comes
+        slow.sendall(h2c.data_to_send())
+        start = time.monotonic()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_live()  # served meanwhile
+        client.close()
+        reset = None
+        while reset is None and (data := slow.recv(65536)):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.StreamReset):
+                    reset = time.monotonic() - start
+            slow.sendall(h2c.data_to_send())
+        assert reset is not None and 0.8 < reset < 5, reset
+        while silent.recv(65536):  # GOAWAY, then closed
+            pass
+        assert time.monotonic() - start < 5
+        silent.close(), slow.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()

@@ -10,8 +10,40 @@ from modelport.cli.common import LOG_LEVEL_OPTION
 from modelport.runtime.precision import ENGINE_CHOICES, PRECISIONS
 
 
+def _read_config(ctx: click.Context, param: click.Parameter, path: str | None) -> str | None:
+    """``--config FILE``: the ``[server]`` table of a TOML file gives any option's default (its
+    flag's name, with ``_`` or ``-``: ``grpc_port = 8001``, ``keys = "keys.toml"``); the command line
+    and environment variables still win. Read before the other options, so that they see it."""
+    if path is None:
+        return None
+    import tomllib
+
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("server", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", ctx=ctx, param=param) from None
+    if not isinstance(table, dict):
+        raise click.BadParameter(f"{path}: [server] must be a table", ctx=ctx, param=param)
+    names = {flag[2:].replace("-", "_"): option.name for option in ctx.command.params
+             if isinstance(option, click.Option) and option.name != "config"
+             for flag in option.opts if flag.startswith("--")}  # --keys -> keys_file
+    defaults = {}
+    for key, value in table.items():
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            raise click.BadParameter(f"{path}: [server] has no setting {key!r}; the settings are the options of "
+                                     f"`modelport serve`: {', '.join(sorted(names))}", ctx=ctx, param=param)
+        defaults[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
 @click.command()
 @click.argument("source", required=False)
+@click.option("--config", type=click.Path(dir_okay=False), envvar="MODELPORT_CONFIG", is_eager=True,
+              expose_value=False, callback=_read_config,
+              help="A TOML file whose [server] table sets any of these options (grpc_port = 8001, "
+                   "repository = \"models\", ...); the command line wins. Also $MODELPORT_CONFIG.")
 @click.option("--repository", "repository_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A model repository (<name>/<version>/...) to serve and follow: the same as giving it as SOURCE.")
 @click.option("--watch/--no-watch", default=True, show_default=True,

@@ -64,8 +64,7 @@ class LatencyWindow:
         self._samples += 1
 
     def quantiles(self) -> tuple[float, float]:
-        # While the window is short, one sample moves the quantiles a lot (a worker's cold first
-        # answer would stand as the median for ``every`` requests): sorted on every new one then.
+        # A short window is sorted on every sample (a cold first answer stood as the median for 16).
         every = 1 if len(self._values) < 4 * self._every else self._every
         if self._values and (self._sorted_at < 0 or self._samples - self._sorted_at >= every):
             ordered = sorted(self._values)
@@ -392,10 +391,8 @@ class Discovery:
                     unsettled.append(endpoint.ewma_s)
         if others:
             return statistics.median(others)
-        # No other worker has answered often enough for a p95 of its own (a slow one that is
-        # seldom chosen never does): hedge at the overall p95, but not before the others are known
-        # to answer. A hedge sent sooner cannot win, and at the overall p95 it would copy every
-        # twentieth request to the slow worker.
+        # No other has a p95 of its own (a slow worker seldom chosen never gets one): the overall p95,
+        # but not before they are known to answer (sooner, a hedge cannot win; it only copies load).
         return max([self._latencies.quantiles()[1]] + unsettled)
 
     def _record(self, endpoint: Endpoint, latency_s: float) -> None:

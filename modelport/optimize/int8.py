@@ -1,9 +1,9 @@
 """``modelport optimize``: an ONNX bundle -> its INT8 version, published only if it keeps the answers.
 
 Steps: decode the calibration and evaluation images once (the model's own preprocessing) ->
-pre-process the graph -> quantize everything and measure each layer's sensitivity -> try
-candidates that keep the most sensitive layers in fp32 (fewest first: every fp32 layer costs
-speed) until one passes the gate on the evaluation images -> measure speed interleaved -> write
+pre-process the graph -> quantize everything -> if that fails the gate, measure each layer's
+sensitivity and try candidates that keep the most sensitive layers in fp32 (fewest first: every
+fp32 layer costs speed) until one passes the gate on the evaluation images -> measure speed interleaved -> write
 the new version into the model directory (a hidden directory renamed into place, so a watching
 server loads it complete) with its report, or write nothing and say why.
 """
@@ -33,6 +33,7 @@ from modelport.runtime.precision import candidate_engines
 
 REPORT_FILE = "optimize-report.json"
 INT8_VARIANT = "model-int8.onnx"  # a packaged model's checked INT8 graph, beside its fp32 one
+INT8_VARIANT_REPORT = "model-int8.report.json"  # and the report of its check
 CANDIDATE_FP32_LAYERS = (0, 1, 2, 4, 8)  # most sensitive weighted layers kept in fp32, tried in order
 MAX_CALIBRATION = 128
 SENSITIVITY_IMAGES = 8
@@ -99,16 +100,18 @@ def optimize(source: Path, calibration: Sequence[bytes], evaluation: Sequence[by
     with tempfile.TemporaryDirectory(prefix="modelport-optimize-") as tmp:
         tmp = Path(tmp)
         prepared = q.prepare(bundle.model_file, tmp / "prepared.onnx")
-        progress("quantizing every layer but the classifier head, then measuring each layer's sensitivity")
+        progress("quantizing every layer but the classifier head")
         head = q.output_head(prepared, fp32.output.name)
         whole = q.quantize(prepared, tmp / "int8-0.onnx", input_name, calibration_inputs, recipe=recipe,
                            exclude=head)
-        ranked = [(name, loss) for name, loss in
-                  q.sensitivity(prepared, whole, input_name, calibration_inputs[:SENSITIVITY_IMAGES])
-                  if name not in head]
-        tried, chosen = [], None
+        tried, chosen, ranked = [], None, None
         for keep in candidates:
-            names = [name for name, _ in ranked[:keep]]
+            if keep and ranked is None:  # measured only once the whole graph has failed the gate
+                progress("measuring each layer's sensitivity, to keep the most sensitive in fp32")
+                ranked = [(name, loss) for name, loss in
+                          q.sensitivity(prepared, whole, input_name, calibration_inputs[:SENSITIVITY_IMAGES])
+                          if name not in head]
+            names = [name for name, _ in (ranked or [])[:keep]]
             path = whole if keep == 0 else q.quantize(prepared, tmp / f"int8-{keep}.onnx", input_name,
                                                       calibration_inputs, recipe=recipe,
                                                       exclude=head + q.with_followers(prepared, names))
@@ -175,7 +178,7 @@ def _bundle_model(bundle, model_file: Path, directory: Path, *, engine: str) -> 
 
 def _copy_bundle_files(bundle, directory: Path) -> None:
     for path in bundle.path.iterdir():
-        if path.is_file() and path != bundle.model_file and path.name not in (REPORT_FILE, INT8_VARIANT):
+        if path.is_file() and path != bundle.model_file and path.name not in (REPORT_FILE, INT8_VARIANT, INT8_VARIANT_REPORT):
             shutil.copy(path, directory / path.name)
 
 
@@ -243,6 +246,7 @@ def mark_checked(directory: Path, report: r.Report, checked_on: str, published: 
     extra = {}
     if published is not None:
         shutil.copy(published / "model.onnx", directory / INT8_VARIANT)
+        shutil.copy(published / REPORT_FILE, directory / INT8_VARIANT_REPORT)
         extra = {f"{p}_model_file": INT8_VARIANT, f"{p}_engine": report.engine,
                  f"{p}_fp32_layers": len(report.fp32_layers)}
     a = report.agreement
@@ -256,3 +260,12 @@ def mark_checked(directory: Path, report: r.Report, checked_on: str, published: 
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def checked_variant(directory: Path) -> tuple[Path, r.Report] | None:
+    """The INT8 graph a packaged model was checked with at build, and that check's report (None if
+    it was not checked, or built before the report was kept)."""
+    model_file, report_file = directory / INT8_VARIANT, directory / INT8_VARIANT_REPORT
+    if not (model_file.is_file() and report_file.is_file()):
+        return None
+    return model_file, r.Report.from_dict(json.loads(report_file.read_text()))

@@ -65,6 +65,12 @@ class Report:
             entry["ratio"] = entry["reduced_per_s"] / entry["fp32_per_s"]
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """A report as ``as_dict`` wrote it."""
+        speed = [Speed(s["batch"], s["fp32_per_s"], s["reduced_per_s"]) for s in data["speed"]]
+        return cls(**{**data, "agreement": Agreement(**data["agreement"]), "speed": speed})
+
 
 def agreement(fp32: np.ndarray, reduced: np.ndarray, *, reencoded: np.ndarray | None = None,
               truth: np.ndarray | None = None) -> Agreement:

@@ -33,7 +33,8 @@ from modelport.protocol.load import HEADER
 from modelport.server import kserve
 from modelport.server.access import requested
 from modelport.server.admin import check_token
-from modelport.server.grpc_transport import GrpcServer, Method
+from modelport.server.grpc_call import Method
+from modelport.server.grpc_transport import Connection
 from modelport.server.observe import load_now
 from modelport.server.tenants import Tenant
 from modelport.server.tracing import traced_request
@@ -317,13 +318,40 @@ def servicer_class():
 
 
 async def start(state, host: str, port: int, max_message_bytes: int):
-    """A gRPC server on the running event loop (``grpc_transport``); returns it and the port it
-    listens on."""
+    """A gRPC server on the running event loop; returns it and the port it listens on."""
     messages, _ = codec.messages()
     servicer = servicer_class()(state)
     service = messages.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     methods = {f"/{service.full_name}/{m.name}": Method(
         getattr(servicer, m.name), _lenient(getattr(messages, m.input_type.name)),
         getattr(messages, m.output_type.name).SerializeToString, streaming=m.client_streaming) for m in service.methods}
-    server = GrpcServer(methods, max_message_bytes)
+    config = state.config
+    server = GrpcServer(methods, max_message_bytes, config.read_timeout_s, config.write_timeout_s)
     return server, await server.start(host, port)
+
+
+class GrpcServer:
+    """The listening socket and its connections (``grpc_transport.Connection``); ``stop(grace_s)`` lets calls in flight finish."""
+
+    def __init__(self, methods: dict[str, Method], max_message_bytes: int, read_timeout_s: float,
+                 write_timeout_s: float) -> None:
+        self.methods, self.max_message_bytes = methods, max_message_bytes
+        self.read_timeout_s, self.write_timeout_s = read_timeout_s, write_timeout_s
+        self.connections: set[Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.get_running_loop().create_server(lambda: Connection(self), host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self, grace_s: float) -> None:
+        # Stop accepting -> GOAWAY on every connection (calls in flight go on) -> wait for them,
+        # at most grace_s -> close what is left.
+        self._server.close()
+        for connection in list(self.connections):
+            connection.go_away()
+        deadline = time.monotonic() + grace_s
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()

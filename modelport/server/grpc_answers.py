@@ -1,0 +1,96 @@
+"""The sending half of a gRPC connection (``grpc_transport.Connection``): response headers, the
+answers' messages within the client's flow-control window, then the status trailers (or trailers
+alone for a call that ends before any answer). It works on the connection's h2 state and streams."""
+
+from __future__ import annotations
+
+import struct
+
+import grpc
+import h2.exceptions
+
+from modelport.server.grpc_call import Stream, status_trailers
+
+PREFIX = struct.Struct(">BI")  # a message's compressed flag and length
+SEND_AHEAD_BYTES = 1024 * 1024  # answers of one stream waiting on the client's window before a stream waits
+IDLE_S = 300.0  # a connection with no call for this long is closed (the client reconnects on its next)
+_RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                     (b"grpc-accept-encoding", b"identity,deflate,gzip")]
+
+
+class Answers:
+    """A mixin of ``Connection``: uses its ``_conn`` (h2), ``_streams``, ``_loop`` and timers."""
+
+    def _send_message(self, stream: Stream, message: bytes) -> None:
+        if stream.finished:
+            return
+        self._start(stream)
+        stream.out += PREFIX.pack(0, len(message))
+        stream.out += message
+        self._pump(stream)
+
+    def _start(self, stream: Stream) -> None:
+        if not stream.started:
+            stream.started = True
+            self._headers(stream, _RESPONSE_HEADERS)
+
+    def _headers(self, stream: Stream, headers: list, end: bool = False) -> None:
+        try:
+            self._conn.send_headers(stream.id, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):  # reset under us
+            stream.finished = True
+            self._forget(stream, cancel=False)
+
+    def _finish(self, stream: Stream, code: grpc.StatusCode, details: str, metadata) -> None:
+        if stream.finished or stream.trailers is not None:
+            return
+        trailers = status_trailers(code, details, metadata)
+        if not stream.started:  # trailers only: one HEADERS frame
+            stream.started = stream.finished = True
+            self._headers(stream, [(b":status", b"200"), (b"content-type", b"application/grpc")] + trailers, end=True)
+            self._forget(stream, cancel=False)
+            return
+        stream.trailers = trailers
+        self._pump(stream)
+
+    def _pump(self, stream: Stream) -> None:
+        """Send what the client's window lets through; trailers once the answers are all out."""
+        conn = self._conn
+        try:
+            while stream.out and not stream.finished:
+                room = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size, len(stream.out))
+                if room <= 0:
+                    break
+                conn.send_data(stream.id, bytes(stream.out[:room]))
+                del stream.out[:room]
+            if stream.stall is not None:
+                stream.stall.cancel()
+            if stream.out and not stream.finished:  # the client's window is shut: for the write timeout at most
+                stream.stall = self._loop.call_later(self._server.write_timeout_s, self._stall, stream)
+            if stream.sent is not None and len(stream.out) <= SEND_AHEAD_BYTES:
+                stream.sent.set()
+            if not stream.out and stream.trailers is not None and not stream.finished:
+                stream.finished = True
+                conn.send_headers(stream.id, stream.trailers, end_stream=True)
+                self._forget(stream, cancel=False)  # what the client still sends on it is dropped
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):  # reset under us
+            stream.finished = True
+            self._forget(stream, cancel=False)
+
+    def _forget(self, stream: Stream, cancel: bool) -> None:
+        self._streams.pop(stream.id, None)
+        for timer in (stream.timer, stream.stall):
+            if timer is not None:
+                timer.cancel()
+        if not self._streams and self._idle is None and self._transport is not None:
+            self._idle = self._loop.call_later(IDLE_S, self._idle_out)
+        if cancel and stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+        if stream.sent is not None:
+            stream.sent.set()
+        if self._closing and not self._streams:  # after this call's last frame has gone out
+            self._loop.call_soon(self._close_if_idle)
+
+    def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
+        self._conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                                + status_trailers(code, details, ()), end_stream=True)
