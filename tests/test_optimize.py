@@ -190,7 +190,7 @@ def test_bf16_is_not_checked_where_the_cpu_lacks_it(source):
 
 def test_retrain_int8_publishes_a_quantized_version_with_accuracy(tmp_path, default_bundle):
     data = tmp_path / "data"
-    samples.labelled_folder(data, classes=3, per_class=20, seed=4)
+    samples.labelled_folder(data, classes=3, per_class=12, seed=4)
     result = modelport("retrain", str(data), "--name", "things", "--output", str(tmp_path / "models"),
                        "--val-fraction", "0.3", "--int8", "--seed", "0")
     assert result.returncode == 0, result.stderr
