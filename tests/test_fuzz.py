@@ -177,3 +177,42 @@ def test_grpc_message_over_the_limit_is_resource_exhausted_and_just_under_is_ser
             status, answer, _ = grpc_status(lambda: infer(request_of(size), timeout=60))
             assert status == "RESOURCE_EXHAUSTED" and "larger than max" in answer.details(), (size, answer)
     check_grpc_still_right(server, weights, log_from)
+
+
+# HTTP/2 frames as a broken or hostile client may send them, after a valid connection preface:
+# any type (known and unknown), flags, stream, payload; and a gRPC call's own frames, cut short.
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+h2_frames = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1]),
+                               st.binary(max_size=64)), min_size=1, max_size=6)
+
+
+def test_fuzzed_http2_frames_on_the_grpc_port_never_break_the_server(hardened_server):
+    """Each case on a connection of its own: the server answers, resets or closes that connection;
+    every other connection, and the next good call, are served; no traceback."""
+    import socket
+    import struct
+
+    import hpack
+
+    server, weights = hardened_server
+    log_from = server.log.stat().st_size
+    host, port = server.grpc_address.rsplit(":", 1)
+
+    @fuzz_settings(300)
+    @given(h2_frames, st.booleans())
+    def one(frames, with_call: bool) -> None:
+        data = _PREFACE + struct.pack(">I", 0)[1:] + b"\x04\x00" + b"\x00\x00\x00\x00"  # empty SETTINGS
+        if with_call:  # a call's HEADERS, then the fuzzed frames on its stream
+            block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), ("content-type", "application/grpc"),
+                                            (":path", "/inference.GRPCInferenceService/ModelInfer")])
+            data += struct.pack(">I", len(block))[1:] + b"\x01\x04" + struct.pack(">I", 1) + block
+        for kind, flags, stream, payload in frames:
+            data += struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # whatever it answers, until it closes
+                pass
+
+    one()
+    check_grpc_still_right(server, weights, log_from)

@@ -49,29 +49,46 @@ class Model:
         self.precision_reason = plan.reason
         self.model_file = plan.model_file or bundle.model_file  # a checked INT8 variant, or the bundle's own
         cores = os.cpu_count() or 1
-        classes = {name: _engine_class(bundle, name) for name in plan.engines}
-        can_thin = {name: threads is None and self.device.kind == "cpu" and getattr(cls, "can_run_thin", False)
-                    for name, cls in classes.items()}
+        classes: dict[str, type] = {}  # imported when first needed: OpenVINO's import alone takes 0.4 s
+
+        def cls_of(name: str) -> type:
+            if name not in classes:
+                classes[name] = _engine_class(bundle, name)
+            return classes[name]
+
+        def can_thin(name: str) -> bool:
+            return threads is None and self.device.kind == "cpu" and getattr(cls_of(name), "can_run_thin", False)
+
         if concurrent_batches is None:
-            small = any(can_thin.values()) and _file_size(self.model_file) <= AUTO_THIN_MAX_BYTES
+            small = any(can_thin(name) for name in plan.engines) and _file_size(self.model_file) <= AUTO_THIN_MAX_BYTES
             concurrent_batches = 2 if small and cores >= 2 else 1
         self.concurrent_batches = concurrent_batches
 
         def make(name: str, threads: int | None):
-            cls = classes[name]
+            cls = cls_of(name)
             extra = {"precision": plan.precision} if name == "openvino" else {}
-            if can_thin[name] and concurrent_batches > 1 and getattr(cls, "can_share_arena", False):
+            if can_thin(name) and concurrent_batches > 1 and getattr(cls, "can_share_arena", False):
                 extra["shared_arena"] = True
             return cls(self.model_file, threads=threads, bundle=bundle, device=self.device, **extra)
 
-        runtimes = {name: make(name, threads) for name in classes}
+        reference, *others = plan.engines
+        runtimes = {reference: make(reference, threads)}
         # Checked before anything runs: a graph that does not fit its bundle fails with the reason.
         # (Every candidate reads the same file: one engine's signature is the others'.)
-        first = next(iter(runtimes.values()))
+        first = runtimes[reference]
         self.input = self._pick(first.inputs, bundle.input.name, "input")
         self.output = self._pick(first.outputs, bundle.output.name, "output")
         self._check_signature()
-        self.engine, timed = _fastest(runtimes, bundle) if len(runtimes) > 1 else (next(iter(runtimes)), "")
+        self.engine, timed = reference, ""
+        if others:
+            feeds = _timing_feeds(first, bundle)
+            if _median_s(first, feeds) < TIMED_MIN_S:  # the other engines are not even compiled
+                # A batch this short is the call's overhead and the machine's noise: workers of one
+                # fleet would each pick another engine by chance (and answer at other latencies).
+                timed = f"a batch takes under {TIMED_MIN_S * 1000:.0f} ms: {reference} kept"
+            else:
+                runtimes.update({name: make(name, threads) for name in others})
+                self.engine, timed = _fastest(runtimes, feeds)
         self.runtime = runtimes.pop(self.engine)
         for loser in runtimes.values():
             loser.close()
@@ -80,7 +97,7 @@ class Model:
         if plan.precision == "int8" and self.engine == "openvino":
             self.precision_reason += f"; its float layers at {self.runtime.inference_precision}"
         # Batches that run beside others: on every core's share of threads (see batching.Batcher).
-        thin = can_thin[self.engine] and concurrent_batches > 1
+        thin = can_thin(self.engine) and concurrent_batches > 1
         self.thin_runtime = make(self.engine, max(1, cores // concurrent_batches)) if thin else self.runtime
         self.warm_up()
 
@@ -218,18 +235,30 @@ MARGIN = 1.05
 TIMED_MIN_S = 0.002
 
 
-def _fastest(runtimes: dict, bundle: Bundle, rounds: int = 5) -> tuple[str, str]:
-    """The engine whose batches of the bundle's size (at most 8) ran fastest, and why: interleaved
-    rounds, medians. The first engine is the reference: another must beat it by ``MARGIN``."""
-    first = next(iter(runtimes.values()))
-    spec = first.inputs[0]
+def _timing_feeds(runtime, bundle: Bundle) -> dict:
+    """A batch of the bundle's size (at most 8) to time engines on."""
+    spec = runtime.inputs[0]
     rows = min(8, bundle.serving.max_batch_size) if spec.shape and spec.shape[0] == -1 else 1
     if bundle.input.kind == "image":
         shape = (rows, bundle.input.height, bundle.input.width, 3)
-        feeds = {spec.name: imaging.to_model_input(np.random.default_rng(0).integers(
+        return {spec.name: imaging.to_model_input(np.random.default_rng(0).integers(
             0, 256, shape, dtype=np.uint8), bundle.input)}
-    else:
-        feeds = {spec.name: np.zeros([rows] + [max(d, 1) for d in spec.shape[1:]], dtype=V2_TO_NUMPY[spec.datatype])}
+    return {spec.name: np.zeros([rows] + [max(d, 1) for d in spec.shape[1:]], dtype=V2_TO_NUMPY[spec.datatype])}
+
+
+def _median_s(runtime, feeds: dict, rounds: int = 5) -> float:
+    runtime.run(feeds)  # the first run allocates and picks kernels
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        runtime.run(feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _fastest(runtimes: dict, feeds: dict, rounds: int = 5) -> tuple[str, str]:
+    """The engine whose batches ran fastest, and why: interleaved rounds, medians. The first
+    engine is the reference: another must beat it by ``MARGIN``."""
     times: dict[str, list[float]] = {name: [] for name in runtimes}
     for name, runtime in runtimes.items():  # the first run of each allocates and picks kernels
         runtime.run(feeds)
@@ -240,10 +269,6 @@ def _fastest(runtimes: dict, bundle: Bundle, rounds: int = 5) -> tuple[str, str]
             times[name].append(time.perf_counter() - start)
     medians = {name: float(np.median(t)) for name, t in times.items()}
     reference, *others = medians
-    if medians[reference] < TIMED_MIN_S:
-        # A batch this short is the call's overhead and the machine's noise: workers of one fleet
-        # would each pick another engine by chance (and answer at other latencies).
-        return reference, f"a batch takes under {TIMED_MIN_S * 1000:.0f} ms: {reference} kept"
     best = min(others, key=medians.get)
     if medians[best] * MARGIN < medians[reference]:
         return best, f"{best} was the fastest ({medians[reference] / medians[best]:.2f} x {reference})"
