@@ -197,7 +197,7 @@ class Connection(Answers, asyncio.Protocol):
             stream.timer = self._loop.call_later(timeout_s, self._expired, stream)
         if method.streaming:
             stream.messages = asyncio.Queue()
-            stream.task = self._loop.create_task(self._run_stream(stream))
+            stream.task = self._loop.create_task(self._run(stream, method.handler(self._requests(stream), stream.call)))
         if ended:
             self._ended(stream_id)
 
@@ -259,7 +259,7 @@ class Connection(Answers, asyncio.Protocol):
             if body or not whole:
                 self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT, "a unary call carries one message")
                 return
-            stream.task = self._loop.create_task(self._run_unary(stream, stream.method.parse(data)))
+            stream.task = self._loop.create_task(self._run(stream, _one(stream, stream.method.parse(data))))
             stream.stall.cancel()
             return
         if whole and stream.messages is None:
@@ -298,36 +298,24 @@ class Connection(Answers, asyncio.Protocol):
 
     # -- running it -----------------------------------------------------------------------------------
 
-    async def _run_unary(self, stream: Stream, request) -> None:
+    async def _run(self, stream: Stream, answers: AsyncIterator) -> None:
+        """Send each answer as it comes, then the status: OK, the handler's abort, or INTERNAL."""
         try:
-            response = await stream.method.handler(request, stream.call)
-            self._send_message(stream, stream.method.serialize(response))
-            self._finish(stream, grpc.StatusCode.OK, "", stream.call.trailing)
+            async for response in answers:
+                self._send_message(stream, stream.method.serialize(response))
+                if stream.messages is not None:  # a stream's answers go out as they come
+                    self._flush()
+                    while len(stream.out) > SEND_AHEAD_BYTES and not stream.finished:
+                        stream.sent = asyncio.Event()
+                        await stream.sent.wait()
+            if stream.failed is None:
+                self._finish(stream, grpc.StatusCode.OK, "", stream.call.trailing)
         except Abort as exc:
             self._finish(stream, exc.code, exc.details, stream.call.trailing)
         except asyncio.CancelledError:  # reset by the client, its deadline, or the connection gone
             pass
         except Exception:
             logger.exception("gRPC call failed")
-            self._finish(stream, grpc.StatusCode.INTERNAL, "internal error", [])
-        self._flush()
-
-    async def _run_stream(self, stream: Stream) -> None:
-        try:
-            async for response in stream.method.handler(self._requests(stream), stream.call):
-                self._send_message(stream, stream.method.serialize(response))
-                self._flush()
-                while len(stream.out) > SEND_AHEAD_BYTES and not stream.finished:
-                    stream.sent = asyncio.Event()
-                    await stream.sent.wait()
-            if stream.failed is None:
-                self._finish(stream, grpc.StatusCode.OK, "", stream.call.trailing)
-        except Abort as exc:
-            self._finish(stream, exc.code, exc.details, stream.call.trailing)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            logger.exception("gRPC stream failed")
             self._finish(stream, grpc.StatusCode.INTERNAL, "internal error", [])
         self._flush()
 
@@ -342,3 +330,8 @@ class Connection(Answers, asyncio.Protocol):
                 stream.held_bytes = 0
                 self._flush()
             yield request
+
+
+async def _one(stream: Stream, request) -> AsyncIterator:
+    """A unary call's answer, as a stream of one."""
+    yield await stream.method.handler(request, stream.call)
