@@ -90,12 +90,12 @@ class Connection(Answers, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._server.connections.discard(self)
+        self._transport = None  # first: forgetting its calls re-arms no timer
         for timer in (self._idle, self._stalled):
             if timer is not None:
                 timer.cancel()
         for stream in list(self._streams.values()):
             self._forget(stream, cancel=True)
-        self._transport = None
 
     def data_received(self, data: bytes) -> None:
         try:
