@@ -16,7 +16,8 @@ measures the two servers and not two client libraries.
    binary + classification (raw sockets), the same JPEGs, every answer's top-1 label checked -> the
    bar's figure; and the same with h2load on both sides (one JPEG), every answer counted as a
    success in the server's own metrics.
-The protocols alternate round by round, so drift hits both alike. Bars: gRPC throughput >= HTTP's
+The protocols alternate within each round, and which goes first alternates from round to round,
+so drift and a first-run penalty hit both alike. Bars: gRPC throughput >= HTTP's
 (ratio >= 1.0); trivial p50 gRPC <= HTTP's (ratio <= 1.0).
 """
 
@@ -189,15 +190,23 @@ def main() -> None:
         flood = {"grpc": [], "v2": []}
         python = {"grpc": [], "v2": []}
         triton = {"grpc": [], "v2": []}
-        for _ in range(args.rounds):
-            for protocol in ("grpc", "v2"):
-                same[protocol].append(h2.run(protocol, 2000, 1)[0])
-            for protocol in ("grpc", "v2"):
+        for n in range(args.rounds):
+            order = ("grpc", "v2") if n % 2 == 0 else ("v2", "grpc")  # who goes first alternates too
+            blocks = {"grpc": [], "v2": []}
+            for _ in range(4):  # one request at a time: short blocks, interleaved, so drift hits both
+                for protocol in order:
+                    blocks[protocol].append(h2.run(protocol, 500, 1)[0])
+            for protocol in order:
+                same[protocol].append(statistics.median(blocks[protocol]))
+            for protocol in order:
                 flood[protocol].append(h2.run(protocol, 8000, 32)[1])
-            python["grpc"].append(statistics.median(grpc_round_trips(gport, greq, 1500)))
-            python["v2"].append(loadgen.run(port, hreq, concurrency=1, count=1500).p50)
-            triton["grpc"].append(statistics.median(triton_round_trips(tg, tensor, 1000)))
-            triton["v2"].append(statistics.median(triton_round_trips(th, tensor, 1000)))
+            for protocol in order:
+                if protocol == "grpc":
+                    python["grpc"].append(statistics.median(grpc_round_trips(gport, greq, 1500)))
+                    triton["grpc"].append(statistics.median(triton_round_trips(tg, tensor, 1000)))
+                else:
+                    python["v2"].append(loadgen.run(port, hreq, concurrency=1, count=1500).p50)
+                    triton["v2"].append(statistics.median(triton_round_trips(th, tensor, 1000)))
         tg.close(), th.close()
         proc.terminate()
         proc.wait(timeout=60)
@@ -228,14 +237,18 @@ def main() -> None:
         rates = {"grpc": [], "v2": []}
         same = {"grpc": [], "v2": []}
         g_wrong = h_wrong = 0
-        for _ in range(args.rounds):
-            rate, wrong = asyncio.run(grpc_closed_loop(gport, grequests, 32, args.count))
-            rates["grpc"].append(rate)
-            g_wrong += wrong
-            r = loadgen.run(port, hrequests, concurrency=32, count=args.count)
-            rates["v2"].append(r.throughput)
-            h_wrong += r.wrong + r.errors
-            for protocol in ("grpc", "v2"):
+        for n in range(args.rounds):
+            order = ("grpc", "v2") if n % 2 == 0 else ("v2", "grpc")
+            for protocol in order:
+                if protocol == "grpc":
+                    rate, wrong = asyncio.run(grpc_closed_loop(gport, grequests, 32, args.count))
+                    rates["grpc"].append(rate)
+                    g_wrong += wrong
+                else:
+                    r = loadgen.run(port, hrequests, concurrency=32, count=args.count)
+                    rates["v2"].append(r.throughput)
+                    h_wrong += r.wrong + r.errors
+            for protocol in order:
                 same[protocol].append(h2.run(protocol, args.count, 32)[1])
         proc.terminate()
         proc.wait(timeout=60)
