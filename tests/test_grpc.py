@@ -440,43 +440,61 @@ def test_a_config_files_server_table_turns_grpc_on_and_the_command_line_wins(tmp
 
 
 def test_slow_grpc_clients_are_cut_off_and_others_are_served(tmp_path):
-    """A connection that starts no call, and a call whose message never completes, are ended
-    after the read timeout; a call on another connection meanwhile is answered."""
+    """A connection that starts no call, a call whose message never completes (read timeout) and
+    one whose client never opens its window for the answer (write timeout) are ended; a call on
+    another connection meanwhile is answered."""
     import socket
 
     import h2.config
     import h2.connection
     import h2.events
+    import h2.settings
 
     make_gate_bundle(tmp_path / "repo" / "gate" / "1", max_batch_size=1)
     grpc_port = free_port()
-    server = Server(str(tmp_path / "repo"), "--read-timeout-s", "1", log=tmp_path / "server.log",
-                    grpc_port=grpc_port).wait_ready()
-    try:
-        silent = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
-        slow = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
+    server = Server(str(tmp_path / "repo"), "--read-timeout-s", "1", "--write-timeout-s", "1",
+                    log=tmp_path / "server.log", grpc_port=grpc_port).wait_ready()
+    call = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"),
+            (b":path", b"/inference.GRPCInferenceService/ServerLive"), (b"te", b"trailers"),
+            (b"content-type", b"application/grpc")]
+
+    def connect(window: int | None = None):
+        sock = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         h2c.initiate_connection()
-        h2c.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"),
-                             (b":path", b"/inference.GRPCInferenceService/ServerLive"), (b"te", b"trailers"),
-                             (b"content-type", b"application/grpc")])
-        h2c.send_data(1, b"\x00\x00\x00\x00\x10")  # a 16-byte message that never comes
-        slow.sendall(h2c.data_to_send())
+        if window is not None:
+            h2c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        return sock, h2c
+
+    def reset_after(sock, h2c, start: float) -> float | None:
+        while data := sock.recv(65536):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.StreamReset):
+                    return time.monotonic() - start
+            sock.sendall(h2c.data_to_send())
+        return None
+
+    try:
+        silent = socket.create_connection(("127.0.0.1", grpc_port), timeout=10)
+        slow, slow_h2 = connect()
+        slow_h2.send_headers(1, call)
+        slow_h2.send_data(1, b"\x00\x00\x00\x00\x10")  # a 16-byte message that never comes
+        slow.sendall(slow_h2.data_to_send())
+        deaf, deaf_h2 = connect(window=0)  # a whole call, but no room for its answer, ever
+        deaf_h2.send_headers(1, call)
+        deaf_h2.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+        deaf.sendall(deaf_h2.data_to_send())
         start = time.monotonic()
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         assert client.is_server_live()  # served meanwhile
         client.close()
-        reset = None
-        while reset is None and (data := slow.recv(65536)):
-            for event in h2c.receive_data(data):
-                if isinstance(event, h2.events.StreamReset):
-                    reset = time.monotonic() - start
-            slow.sendall(h2c.data_to_send())
-        assert reset is not None and 0.8 < reset < 5, reset
+        for sock, h2c in ((slow, slow_h2), (deaf, deaf_h2)):
+            reset = reset_after(sock, h2c, start)
+            assert reset is not None and 0.8 < reset < 5, reset
         while silent.recv(65536):  # GOAWAY, then closed
             pass
         assert time.monotonic() - start < 5
-        silent.close(), slow.close()
+        silent.close(), slow.close(), deaf.close()
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text()
