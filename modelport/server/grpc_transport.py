@@ -210,8 +210,9 @@ class Connection(Answers, asyncio.Protocol):
         stream.body += event.data
         if stream.messages is None:  # one message: bounded by the size limit, read as it comes
             self._acknowledge(credit, event.stream_id)
-            if len(stream.body) > self._server.max_message_bytes + PREFIX.size:
-                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, too_large(len(stream.body) - PREFIX.size, self._server.max_message_bytes))
+            limit = self._server.max_message_bytes
+            if len(stream.body) > limit + PREFIX.size:
+                self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, too_large(len(stream.body) - PREFIX.size, limit))
             return
         taken_before = stream.messages.qsize()
         self._split(stream)
