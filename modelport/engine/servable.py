@@ -129,6 +129,16 @@ class Servable(Protocol):
     async def close(self) -> None: ...
 
 
+class Classifies:
+    """``classify`` as every servable does it (a model's service, a pipeline, a version loaded on
+    demand): its ``infer_images``, then its ``top_k``."""
+
+    async def classify(self, images: Sequence[bytes], *, k: int | None, deadline: float | None, timing: Timing,
+                       input_name: str | None = None) -> list[list[Prediction]]:
+        outputs = await self.infer_images(images, deadline=deadline, timing=timing, input_name=input_name)
+        return self.top_k(outputs, k)
+
+
 def check_rows(rows: int, max_images: int, input_name: str | None = None) -> None:
     """The per-request image limit (an image is one row of the batch dimension)."""
     if rows > max_images:

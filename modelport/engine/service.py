@@ -24,7 +24,7 @@ from modelport.engine.imaging import DEFAULT_MAX_PIXELS, to_model_input
 from modelport.engine.model import Model
 from modelport.engine.predictions import Prediction
 from modelport.runtime import V2_TO_NUMPY
-from modelport.engine.servable import Stats, Timing, check_deadline, check_rows
+from modelport.engine.servable import Classifies, Stats, Timing, check_deadline, check_rows
 from modelport.engine.slo import Planner
 
 
@@ -50,7 +50,7 @@ class _Item:
     trace: object = None  # the request's span context, when it is traced: its batch's span links to it
 
 
-class ModelService:
+class ModelService(Classifies):
     def __init__(self, model: Model, *, decode_pool: ThreadPoolExecutor, infer_pool: ThreadPoolExecutor | None = None,
                  serving: Serving | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES,
@@ -107,10 +107,6 @@ class ModelService:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def classify(self, images: Sequence[bytes], *, k: int | None, deadline: float | None, timing: Timing,
-                       input_name: str | None = None) -> list[list[Prediction]]:
-        outputs = await self.infer_images(images, deadline=deadline, timing=timing, input_name=input_name)
-        return self.top_k(outputs, k)
 
     def top_k(self, outputs: dict[str, np.ndarray], k: int | None) -> list[list[Prediction]]:
         probabilities = self.model.probabilities(outputs[self.model.output.name])

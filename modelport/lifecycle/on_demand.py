@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 import numpy as np
 
 from modelport.engine.predictions import Prediction
-from modelport.engine.servable import Servable, Timing
+from modelport.engine.servable import Classifies, Servable, Timing
 from modelport.errors import BadInput, DeadlineExceeded, NotFound, Overloaded
 
 if TYPE_CHECKING:
     from modelport.lifecycle.residency import Residency
 
 
-class OnDemand:
+class OnDemand(Classifies):
     def __init__(self, residency: "Residency", name: str, version: int, path: Path,
                  load: Callable[[], Awaitable[Servable]], service: Servable) -> None:
         self.name = name
@@ -123,10 +123,6 @@ class OnDemand:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    async def classify(self, images: Sequence[bytes], *, k: int | None, deadline: float | None, timing: Timing,
-                       input_name: str | None = None) -> list[list[Prediction]]:
-        outputs = await self.infer_images(images, deadline=deadline, timing=timing, input_name=input_name)
-        return self.top_k(outputs, k)
 
     async def infer_images(self, images: Sequence[bytes], *, deadline: float | None, timing: Timing,
                            input_name: str | None = None) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from modelport.repository.bundle import ImageInput, Serving
 from modelport.errors import BadInput, BundleError, ModelportError, NotFound, Unavailable
 from modelport.engine.predictions import Prediction, confidence, top_k
 from modelport.runtime import TensorSpec
-from modelport.engine.servable import Servable, Stats, Timing, check_deadline, check_rows
+from modelport.engine.servable import Classifies, Servable, Stats, Timing, check_deadline, check_rows
 from modelport.pipeline.config import PipelineConfig
 
 logger = logging.getLogger("modelport.pipeline")
@@ -78,7 +78,7 @@ class Routing(Protocol):
     def get(self, name: str, version: str | int | None = None) -> Servable: ...
 
 
-class PipelineService:
+class PipelineService(Classifies):
     def __init__(self, name: str, config: PipelineConfig, routing: Routing, *, decode_pool: ThreadPoolExecutor,
                  max_pixels: int, max_images: int, observer=None, version: int = 1) -> None:
         self.name = name
@@ -166,10 +166,6 @@ class PipelineService:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def classify(self, images: Sequence[bytes], *, k: int | None, deadline: float | None, timing: Timing,
-                       input_name: str | None = None) -> list[list[Prediction]]:
-        outputs = await self.infer_images(images, deadline=deadline, timing=timing, input_name=input_name)
-        return self.top_k(outputs, k)
 
     async def infer_images(self, images: Sequence[bytes], *, deadline: float | None, timing: Timing,
                            input_name: str | None = None) -> dict[str, np.ndarray]:

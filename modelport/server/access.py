@@ -19,6 +19,7 @@ from modelport.server.http import error_response
 PRIORITY_HEADER = "x-modelport-priority"  # lowers the request's class below its tenant's
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
 _MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+_DEFAULT = "<the default model>"  # what POST / names; a model name can never be this string
 
 
 class Access:
@@ -40,6 +41,8 @@ class Access:
                 if tenants is not None:
                     tenant = tenants.identify(authorization)
                     scope.setdefault("state", {})["tenant"] = tenant  # its 403s and 429s are counted too
+                    if model is _DEFAULT:  # POST /: the default model, looked up only when it matters
+                        model = _default_model(scope)
                     if model is not None:
                         tenants.check_model(tenant, model)
                     ceiling = tenant.priority
@@ -67,6 +70,13 @@ def requested(ceiling: priority.Priority, asked: str | None) -> priority.Priorit
                        f"not {asked[:40]!r}") from None
 
 
+def _default_model(scope) -> str:
+    try:
+        return scope["app"].state.models.default(routed=False).name
+    except ModelportError:
+        return ""  # no model loaded yet: a key is still needed, the answer is the usual one
+
+
 def _about(scope) -> tuple[bool, str | None]:
     """Whether a request needs a key, and the model it names: inference and model endpoints name
     one; listings of models need a key and show only the tenant's; health checks, server
@@ -74,10 +84,7 @@ def _about(scope) -> tuple[bool, str | None]:
     path, method = scope["path"], scope["method"]
     if path == "/":
         if method == "POST":
-            try:
-                return True, scope["app"].state.models.default(routed=False).name
-            except ModelportError:
-                return True, ""  # no model loaded yet: a key is still needed, the answer is the usual one
+            return True, _DEFAULT
         accept = dict(scope["headers"]).get(b"accept", b"")
         return b"text/html" not in accept, None  # the page is static; its JSON twin lists the models
     if path == "/v2/models/stats":
