@@ -1,15 +1,15 @@
 """The sending half of a gRPC connection (``grpc_transport.Connection``): response headers, the
 answers' messages within the client's flow-control window, then the status trailers (or trailers
-alone for a call that ends before any answer). It works on the connection's h2 state and streams."""
+alone for a call that ends before any answer). It works on the connection's HTTP/2 state (``http2.py``) and streams."""
 
 from __future__ import annotations
 
 import struct
 
 import grpc
-import h2.exceptions
 
 from modelport.server.grpc_call import Stream, status_trailers
+from modelport.server.http2 import StreamGone
 
 PREFIX = struct.Struct(">BI")  # a message's compressed flag and length
 SEND_AHEAD_BYTES = 1024 * 1024  # answers of one stream waiting on the client's window before a stream waits
@@ -19,7 +19,7 @@ _RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc"
 
 
 class Answers:
-    """A mixin of ``Connection``: uses its ``_conn`` (h2), ``_streams``, ``_loop`` and timers."""
+    """A mixin of ``Connection``: uses its ``_conn`` (``http2.ServerConnection``), ``_streams``, ``_loop`` and timers."""
 
     def _send_message(self, stream: Stream, message: bytes) -> None:
         if stream.finished:
@@ -36,8 +36,8 @@ class Answers:
 
     def _headers(self, stream: Stream, headers: list, end: bool = False) -> None:
         try:
-            self._conn.send_headers(stream.id, headers, end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):  # reset under us
+            self._conn.send_headers(stream.id, headers, end)
+        except StreamGone:  # reset under us
             stream.finished = True
             self._forget(stream, cancel=False)
 
@@ -58,7 +58,7 @@ class Answers:
         conn = self._conn
         try:
             while stream.out and not stream.finished:
-                room = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size, len(stream.out))
+                room = min(conn.window(stream.id), conn.max_frame, len(stream.out))
                 if room <= 0:
                     break
                 conn.send_data(stream.id, bytes(stream.out[:room]))
@@ -71,9 +71,9 @@ class Answers:
                 stream.sent.set()
             if not stream.out and stream.trailers is not None and not stream.finished:
                 stream.finished = True
-                conn.send_headers(stream.id, stream.trailers, end_stream=True)
+                conn.send_headers(stream.id, stream.trailers, True)
                 self._forget(stream, cancel=False)  # what the client still sends on it is dropped
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):  # reset under us
+        except StreamGone:  # reset under us
             stream.finished = True
             self._forget(stream, cancel=False)
 
@@ -93,4 +93,4 @@ class Answers:
 
     def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         self._conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                                + status_trailers(code, details, ()), end_stream=True)
+                                + status_trailers(code, details, ()), True)

@@ -1,6 +1,6 @@
-"""gRPC's transport for ``serve --grpc-port``: HTTP/2 on the server's own event loop, with the
-``h2`` package's state machine (python-hyper's, as httpx and hypercorn use it) and gRPC's
-length-prefixed messages on it (gRPC's PROTOCOL-HTTP2.md). The handlers (``server/grpc.py``) see
+"""gRPC's transport for ``serve --grpc-port``: HTTP/2 on the server's own event loop (the framing
+in ``http2.py``, header blocks by ``hpack``) and gRPC's length-prefixed messages on it (gRPC's
+PROTOCOL-HTTP2.md). The handlers (``server/grpc.py``) see
 a call shaped like grpc.aio's ``ServicerContext`` (``grpc_call.py``).
 
 Not grpcio's server: it hands every call between a thread of its own and the event loop, and
@@ -15,20 +15,13 @@ messages are taken; a broken HTTP/2 connection is closed with GOAWAY, other conn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import AsyncIterator
 
 import grpc
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
 
+from modelport.server import http2
 from modelport.server.grpc_answers import PREFIX, SEND_AHEAD_BYTES, Answers
 from modelport.server.grpc_call import (DECOMPRESS, Abort, Call, Stream, decompressed, grpc_timeout,
                                         read_headers, too_large)
@@ -38,9 +31,6 @@ logger = logging.getLogger("modelport.server")
 MAX_STREAMS = 1024  # calls in flight on one connection
 WINDOW_BYTES = 4 * 1024 * 1024  # what a client may send ahead on a stream, and on a connection x 4
 STREAM_BACKLOG = 128  # messages of one stream read but not taken; beyond it the client waits (window)
-_CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
-                                    validate_outbound_headers=False, normalize_inbound_headers=False,
-                                    normalize_outbound_headers=False)
 
 
 class Connection(Answers, asyncio.Protocol):
@@ -50,7 +40,7 @@ class Connection(Answers, asyncio.Protocol):
     def __init__(self, server) -> None:
         self._server = server
         self._streams: dict[int, Stream] = {}
-        self._conn = h2.connection.H2Connection(_CONFIG)
+        self._conn = http2.ServerConnection(MAX_STREAMS, WINDOW_BYTES, 4 * WINDOW_BYTES, 64 * 1024)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._closing = False  # GOAWAY sent or received: closed once its calls are done
@@ -62,12 +52,7 @@ class Connection(Answers, asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._server.connections.add(self)
-        self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW_BYTES,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024})
-        self._conn.initiate_connection()
-        self._conn.increment_flow_control_window(4 * WINDOW_BYTES - 65535)
+        self._conn.initiate()
         self._flush()
         self._idle = self._loop.call_later(self._server.read_timeout_s, self._idle_out)  # its first call, soon
 
@@ -99,50 +84,47 @@ class Connection(Answers, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:  # not HTTP/2, or broken: this connection only
+            events = self._conn.receive(data)
+        except http2.Broken as exc:  # not HTTP/2, or broken: this connection only
             logger.info("gRPC connection closed: %s", exc)
-            self._close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._close(exc.code)
             return
         for event in events:
-            kind = type(event)
-            if kind is h2.events.DataReceived:
-                self._data(event)
-            elif kind is h2.events.RequestReceived:
-                self._request(event.stream_id, event.headers, event.stream_ended)
-            elif kind is h2.events.StreamEnded:
-                self._ended(event.stream_id)
-            elif kind is h2.events.WindowUpdated:
-                for stream in ([self._streams.get(event.stream_id)] if event.stream_id else list(self._streams.values())):
+            kind = event[0]
+            if kind == http2.BODY:
+                self._data(*event[1:])
+            elif kind == http2.REQUEST:
+                self._request(*event[1:])
+            elif kind == http2.ENDED:
+                self._ended(event[1])
+            elif kind == http2.WINDOW:
+                for stream in ([self._streams.get(event[1])] if event[1] else list(self._streams.values())):
                     if stream is not None:
                         self._pump(stream)
-            elif kind is h2.events.StreamReset:
-                stream = self._streams.get(event.stream_id)
+            elif kind == http2.RESET:
+                stream = self._streams.get(event[1])
                 if stream is not None:
                     stream.finished = True
                     self._forget(stream, cancel=True)
-            elif kind is h2.events.ConnectionTerminated:
-                if event.error_code != h2.errors.ErrorCodes.NO_ERROR or not self._streams:
+            elif kind == http2.TERMINATED:
+                if event[1] != http2.NO_ERROR or not self._streams:
                     self._close(None)
                     return
                 self._closing = True
         self._flush()
 
     def go_away(self) -> None:
-        """Shutting down: no new calls on this connection; the ones in flight finish, then it closes.
-        h2's own GOAWAY would close its state machine with calls still in flight, so the first one
-        is hyperframe's frame, written beside h2's (as grpc-core's graceful GOAWAY)."""
+        """Shutting down: no new calls on this connection; the ones in flight finish, then it closes."""
         if self._transport is None or self._closing:
             return
         self._closing = True
+        self._conn.go_away(http2.NO_ERROR)
         self._flush()
-        self._transport.write(hyperframe.frame.GoAwayFrame(
-            stream_id=0, last_stream_id=self._conn.highest_inbound_stream_id, error_code=0).serialize())
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
         if self._closing and not self._streams:
-            self._close(h2.errors.ErrorCodes.NO_ERROR)
+            self._close(http2.NO_ERROR)
 
     busy = property(lambda self: bool(self._streams))
 
@@ -154,8 +136,7 @@ class Connection(Answers, asyncio.Protocol):
         if self._transport is None:
             return
         if error is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._conn.close_connection(error_code=error)
+            self._conn.go_away(error)
         self._flush()
         self._transport.close()
 
@@ -169,7 +150,7 @@ class Connection(Answers, asyncio.Protocol):
     def _request(self, stream_id: int, raw_headers, ended: bool) -> None:
         headers, metadata = read_headers(raw_headers)
         if not headers.get("content-type", b"").startswith(b"application/grpc"):  # gRPC's rule: not a call
-            self._conn.send_headers(stream_id, [(b":status", b"415")], end_stream=True)
+            self._conn.send_headers(stream_id, [(b":status", b"415")], True)
             return
         if self._closing:  # raced our GOAWAY: the client retries elsewhere
             self._trailers_only(stream_id, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -201,15 +182,14 @@ class Connection(Answers, asyncio.Protocol):
         if ended:
             self._ended(stream_id)
 
-    def _data(self, event) -> None:
-        stream = self._streams.get(event.stream_id)
-        credit = event.flow_controlled_length
+    def _data(self, stream_id: int, data: bytes, credit: int) -> None:
+        stream = self._streams.get(stream_id)
         if stream is None or stream.finished or stream.failed is not None:  # answered already: drop it
-            self._acknowledge(credit, event.stream_id)
+            self._acknowledge(credit, stream_id)
             return
-        stream.body += event.data
+        stream.body += data
         if stream.messages is None:  # one message: bounded by the size limit, read as it comes
-            self._acknowledge(credit, event.stream_id)
+            self._acknowledge(credit, stream_id)
             limit = self._server.max_message_bytes
             if len(stream.body) > limit + PREFIX.size:
                 self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, too_large(len(stream.body) - PREFIX.size, limit))
@@ -221,7 +201,7 @@ class Connection(Answers, asyncio.Protocol):
         if stream.messages.qsize() >= STREAM_BACKLOG and stream.messages.qsize() > taken_before:
             stream.held_bytes += credit
         else:
-            self._acknowledge(credit, event.stream_id)
+            self._acknowledge(credit, stream_id)
 
     def _ended(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
@@ -288,14 +268,13 @@ class Connection(Answers, asyncio.Protocol):
         if self._streams.get(stream.id) is stream:
             logger.info("gRPC call reset: its client stalled it")
             stream.finished = True
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._conn.reset_stream(stream.id, h2.errors.ErrorCodes.CANCEL)
+            self._conn.reset(stream.id, http2.CANCEL)
             self._forget(stream, cancel=True)
             self._flush()
 
     def _acknowledge(self, credit: int, stream_id: int) -> None:
-        if credit:  # h2 gives the connection's share back even when the stream is gone
-            self._conn.acknowledge_received_data(credit, stream_id)
+        if credit:  # the connection's share comes back even when the stream is gone
+            self._conn.acknowledge(credit, stream_id)
 
     # -- running it -----------------------------------------------------------------------------------
 
