@@ -137,6 +137,21 @@ def test_ping_settings_and_goaway():
     assert pair.to_server() == [(http2.TERMINATED, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)]
 
 
+def test_a_client_that_shrinks_its_header_table_is_told_so_in_our_next_block():
+    """RFC 7541 4.2: the encoder signals a smaller table at the start of its next block (h2's
+    client refuses a block without it once it has acknowledged the setting)."""
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    pair.to_server()
+    pair.to_client()
+    pair.client.send_headers(1, CALL, end_stream=True)
+    pair.to_server()
+    pair.server.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    pair.server.send_headers(1, [(b"grpc-status", b"0")], end=True)
+    got = pair.to_client()
+    assert [type(e) for e in got][:2] == [h2.events.ResponseReceived, h2.events.TrailersReceived]
+
+
 def test_streams_beyond_the_limit_are_refused_and_an_early_answer_stops_the_client():
     pair = Pair(max_streams=2)
     for stream_id in (1, 3):

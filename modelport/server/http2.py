@@ -81,6 +81,13 @@ def header_block(headers) -> bytes:
     return block
 
 
+def _table_size_update(size: int) -> bytes:
+    """HPACK's dynamic table size update (RFC 7541 6.3), as hpack's encoder writes it."""
+    encoder = hpack.Encoder()
+    encoder.header_table_size = size
+    return encoder.encode([])
+
+
 class ServerConnection:
     """One connection's HTTP/2 state, server side."""
 
@@ -104,6 +111,8 @@ class ServerConnection:
         self._send_window = DEFAULT_WINDOW  # what we may still send on the connection
         self._receive_window = connection_window
         self._owed = 0
+        self._table_size = 4096  # the client's HPACK table for what we send (its SETTINGS_HEADER_TABLE_SIZE)
+        self._size_update = b""  # to start our next header block: the client shrank that table
 
     def initiate(self) -> None:
         self._out += frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in self._settings.items()))
@@ -319,7 +328,9 @@ class ServerConnection:
             elif key == MAX_FRAME_SIZE:
                 self._check(FRAME_BYTES <= value < 2**24, "MAX_FRAME_SIZE out of range")
                 self.max_frame = value
-            # HEADER_TABLE_SIZE: what we send uses no dynamic table; the rest are the client's own
+            elif key == HEADER_TABLE_SIZE and value < self._table_size:  # we use none, but must say so
+                self._table_size, self._size_update = value, _table_size_update(value)
+            # the rest are the client's own concern
         self._out += frame(SETTINGS, ACK, 0)
 
     @staticmethod
@@ -357,6 +368,8 @@ class ServerConnection:
     def send_headers(self, stream_id: int, headers, end: bool = False) -> None:
         stream = self._open(stream_id)
         block, size = header_block(headers), self.max_frame
+        if self._size_update:
+            block, self._size_update = self._size_update + block, b""
         flags = END_STREAM if end else 0
         if len(block) <= size:
             self._out += frame(HEADERS, flags | END_HEADERS, stream_id, block)
