@@ -46,6 +46,7 @@ class Connection(Answers, asyncio.Protocol):
         self._closing = False  # GOAWAY sent or received: closed once its calls are done
         self._idle: asyncio.TimerHandle | None = None  # no call on it: closed when this fires
         self._stalled: asyncio.TimerHandle | None = None  # the client reads none of what is written
+        self._flushing = False  # a write of what the calls answered is due this turn of the loop
 
     # -- the connection -------------------------------------------------------------------------------
 
@@ -141,9 +142,16 @@ class Connection(Answers, asyncio.Protocol):
         self._transport.close()
 
     def _flush(self) -> None:
+        self._flushing = False
         data = self._conn.data_to_send()
         if data and self._transport is not None:
             self._transport.write(data)
+
+    def _flush_soon(self) -> None:
+        """Calls that end in the same turn of the event loop (a batch's answers) go out in one write."""
+        if not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
 
     # -- a call arrives -------------------------------------------------------------------------------
 
@@ -297,7 +305,7 @@ class Connection(Answers, asyncio.Protocol):
         except Exception:
             logger.exception("gRPC call failed")
             self._finish(stream, grpc.StatusCode.INTERNAL, "internal error", [])
-        self._flush()
+        self._flush_soon()
 
     async def _requests(self, stream: Stream) -> AsyncIterator:
         while True:
