@@ -180,33 +180,29 @@ class ServerConnection:
             self._peer_settings(flags, stream_id, payload, events)
         elif kind == RST_STREAM:
             self._check(stream_id != 0 and stream_id <= self.highest_stream, "RST_STREAM on an idle stream")
-            if len(payload) != 4:
-                raise Broken(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
+            self._check(len(payload) == 4, "RST_STREAM of the wrong size", FRAME_SIZE_ERROR)
             if self._streams.pop(stream_id, None) is not None:
                 events.append((RESET, stream_id))
         elif kind == PING:
             self._check(stream_id == 0, "PING on a stream")
-            if len(payload) != 8:
-                raise Broken(FRAME_SIZE_ERROR, "PING of the wrong size")
+            self._check(len(payload) == 8, "PING of the wrong size", FRAME_SIZE_ERROR)
             if not flags & ACK:
                 self._out += frame(PING, ACK, 0, payload)
         elif kind == GOAWAY:
             self._check(stream_id == 0, "GOAWAY on a stream")
-            if len(payload) < 8:
-                raise Broken(FRAME_SIZE_ERROR, "GOAWAY too short")
+            self._check(len(payload) >= 8, "GOAWAY too short", FRAME_SIZE_ERROR)
             events.append((TERMINATED, struct.unpack_from(">L", payload, 4)[0]))
         elif kind == PRIORITY:
             self._check(stream_id != 0, "PRIORITY on the connection")
-            if len(payload) != 5:
-                raise Broken(FRAME_SIZE_ERROR, "PRIORITY of the wrong size")
+            self._check(len(payload) == 5, "PRIORITY of the wrong size", FRAME_SIZE_ERROR)
         elif kind == PUSH_PROMISE:
             raise Broken(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # other types: ignored, as the RFC says
 
     @staticmethod
-    def _check(condition: bool, why: str) -> None:
+    def _check(condition: bool, why: str, code: int = PROTOCOL_ERROR) -> None:
         if not condition:
-            raise Broken(PROTOCOL_ERROR, why)
+            raise Broken(code, why)
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
@@ -238,8 +234,7 @@ class ServerConnection:
         self._check(stream_id % 2 == 1, "HEADERS on a server's or the connection's stream")
         payload = self._unpad(flags, payload)
         if flags & PRIORITY_FLAG:
-            if len(payload) < 5:
-                raise Broken(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            self._check(len(payload) >= 5, "HEADERS too short for its priority", FRAME_SIZE_ERROR)
             payload = payload[5:]
         if flags & END_HEADERS:
             self._header_block(stream_id, bool(flags & END_STREAM), payload, events)
@@ -284,8 +279,7 @@ class ServerConnection:
         return headers
 
     def _window_update(self, stream_id: int, payload: bytes, events: list) -> None:
-        if len(payload) != 4:
-            raise Broken(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        self._check(len(payload) == 4, "WINDOW_UPDATE of the wrong size", FRAME_SIZE_ERROR)
         increment = struct.unpack(">L", payload)[0] & MAX_WINDOW
         if stream_id == 0:
             self._check(increment != 0, "a WINDOW_UPDATE of 0")
@@ -307,11 +301,9 @@ class ServerConnection:
     def _peer_settings(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
         self._check(stream_id == 0, "SETTINGS on a stream")
         if flags & ACK:
-            if payload:
-                raise Broken(FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
+            self._check(not payload, "a SETTINGS ACK with a payload", FRAME_SIZE_ERROR)
             return
-        if len(payload) % 6:
-            raise Broken(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        self._check(not len(payload) % 6, "SETTINGS of the wrong size", FRAME_SIZE_ERROR)
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
             if key == ENABLE_PUSH:
