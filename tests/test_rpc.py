@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +16,7 @@ import zmq
 
 from conftest import make_tiny_bundle, tiny_onnx
 from modelport import AsyncClient, Client, samples
-from modelport.client import ClientTimeout
+from modelport.client import ClientTimeout, ServerUnreachable
 from modelport.errors import BadInput, NotFound, Overloaded
 from servers import Gate, Server, free_port, make_gate_bundle, raw_dealer
 
@@ -169,6 +171,17 @@ def test_timeout_then_fresh_socket(tmp_path):
     with Client(f"zmq://127.0.0.1:{free_port()}", timeout_s=0.2) as client:  # nobody listens there
         with pytest.raises(ClientTimeout):
             client.ping()
+
+
+def test_nobody_listening_over_http_is_one_clear_error_for_the_client_and_the_cli(images):
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    with Client(url, timeout_s=5) as client:
+        for call in (client.ping, lambda: client.classify(images["cat"])):
+            with pytest.raises(ServerUnreachable, match="cannot reach"):
+                call()
+    done = subprocess.run([sys.executable, "-m", "modelport", "rollout", "status", "flowers", "--url", url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "modelport: cannot reach" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_queue_full_is_overloaded_with_retry_after_over_zmq(tmp_path):

@@ -44,12 +44,14 @@ _rollout_decision("abort", "Roll MODEL's candidate version back now.")
 def _rollout_call(method: str, url: str, model: str, action: str, token: str | None = None) -> dict:
     import httpx
 
+    from modelport.client.common import http_request
     from modelport.protocol.errors import error_from_http
 
     name = Path(model).name  # models/flowers -> flowers
     path = f"/v2/models/{name}/rollout" if not action else f"/v2/repository/models/{name}/rollout/{action}"
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    response = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=30)
+    with httpx.Client(base_url=url.rstrip("/"), timeout=30) as http:
+        response = http_request(http, url, 30, method, path, headers=headers)
     if response.status_code != 200:
         raise error_from_http(response.status_code, response.content, response.headers)
     return response.json()

@@ -12,14 +12,15 @@ calls them directly (``modelport/cluster/discovery.py``: choice of worker, failo
 
 Server errors come back as the ``modelport.errors`` classes (``BadInput``, ``NotFound``,
 ``Overloaded`` with ``retry_after_s``, ``DeadlineExceeded``, ...); a reply that does not arrive in
-``timeout_s`` raises ``ClientTimeout``. Both transports reconnect by themselves after a server
+``timeout_s`` raises ``ClientTimeout``; no connection at all (nothing listens there) raises
+``ServerUnreachable`` over HTTP. Both transports reconnect by themselves after a server
 restart (ZeroMQ's DEALER reconnects; the HTTP clients open a new connection).
 """
 
 from __future__ import annotations
 
 from modelport.client.aio import AsyncClient
-from modelport.client.common import DEFAULT_MODEL, ClientTimeout
+from modelport.client.common import DEFAULT_MODEL, ClientTimeout, ServerUnreachable
 from modelport.client.sync import Client
 
-__all__ = ["AsyncClient", "Client", "ClientTimeout", "DEFAULT_MODEL"]
+__all__ = ["AsyncClient", "Client", "ClientTimeout", "DEFAULT_MODEL", "ServerUnreachable"]

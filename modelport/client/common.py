@@ -26,6 +26,24 @@ class ClientTimeout(ModelportError):
     kind = "timeout"
 
 
+class ServerUnreachable(ModelportError):
+    """No connection to the server: nothing listens at the address, or it went away mid-request."""
+    kind = "unreachable"
+    status = 503
+
+
+def http_request(http, address: str, timeout_s: float, method: str, path: str, **kwargs):
+    """An ``httpx.Client`` request whose transport failures are modelport errors, not httpx's."""
+    import httpx
+
+    try:
+        return http.request(method, path, **kwargs)
+    except httpx.TimeoutException:
+        raise ClientTimeout(f"no reply from {address} in {timeout_s} s") from None
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"cannot reach {address}: {exc}") from None
+
+
 def image_bytes(image: ImageLike) -> bytes:
     return bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
 

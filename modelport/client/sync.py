@@ -15,7 +15,7 @@ import numpy as np
 
 from modelport.client.aio import AsyncClient
 from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, credentials, grpc_metadata, zmq_fields, ImageLike, client_span, http_inputs, image_bytes,
-                                     infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
+                                     http_request, infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
                                      zmq_request, zmq_result)
 from modelport import telemetry
 from modelport.engine.predictions import Prediction
@@ -123,7 +123,7 @@ class Client:
             return self._grpc.ping()
         if self.kind == "zmq":
             return bool(self._call({"op": "ping"}).get("ok"))
-        return self._http.get("/v2/health/ready").status_code == 200
+        return self._request("GET", "/v2/health/ready").status_code == 200
 
     @property
     def discovery(self):
@@ -176,13 +176,11 @@ class Client:
                     return zmq_result(reply)
                 # A reply to an earlier request that timed out: not ours, drop it.
 
-    def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
-        import httpx
+    def _request(self, method: str, path: str, **kwargs):
+        return http_request(self._http, self._address, self.timeout_s, method, path, **kwargs)
 
-        try:
-            response = self._http.post(infer_path(model, version), content=body, headers=telemetry.inject(dict(headers)))
-        except httpx.TimeoutException:
-            raise ClientTimeout(f"no reply from {self._address} in {self.timeout_s} s") from None
+    def _v2(self, model: str, version, body: bytes, headers: dict) -> dict[str, np.ndarray]:
+        response = self._request("POST", infer_path(model, version), content=body, headers=telemetry.inject(dict(headers)))
         if response.status_code != 200:
             raise error_from_http(response.status_code, response.content, response.headers)
         return v2.decode_response(response.content, response.headers)
@@ -190,7 +188,7 @@ class Client:
     def _primary_output(self, model: str, version) -> str:
         """The output a classification reads: the model's first (fetched once per model)."""
         if model not in self._primary:
-            response = self._http.get(metadata_path(model, version))
+            response = self._request("GET", metadata_path(model, version))
             if response.status_code != 200:
                 raise error_from_http(response.status_code, response.content, response.headers)
             self._primary[model] = response.json()["outputs"][0]["name"]
