@@ -1,7 +1,7 @@
 """gRPC's transport for ``serve --grpc-port``: HTTP/2 on the server's own event loop (the framing
 in ``http2.py``, header blocks by ``hpack``) and gRPC's length-prefixed messages on it (gRPC's
-PROTOCOL-HTTP2.md). The handlers (``server/grpc.py``) see
-a call shaped like grpc.aio's ``ServicerContext`` (``grpc_call.py``).
+PROTOCOL-HTTP2.md). The handlers (``server/grpc.py``) see a call shaped like grpc.aio's
+``ServicerContext`` (``grpc_call.py``).
 
 Not grpcio's server: it hands every call between a thread of its own and the event loop, and
 carried 0.6 x HTTP's requests per second (docs/decisions.md). Messages stay the generated classes'.
