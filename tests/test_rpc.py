@@ -179,6 +179,14 @@ def test_nobody_listening_over_http_is_one_clear_error_for_the_client_and_the_cl
         for call in (client.ping, lambda: client.classify(images["cat"])):
             with pytest.raises(ServerUnreachable, match="cannot reach"):
                 call()
+
+    async def from_asyncio():
+        async with AsyncClient(url, timeout_s=5) as client:
+            for call in (client.ping, lambda: client.classify(images["cat"])):
+                with pytest.raises(ServerUnreachable, match="cannot reach"):
+                    await call()
+
+    asyncio.run(from_asyncio())
     done = subprocess.run([sys.executable, "-m", "modelport", "rollout", "status", "flowers", "--url", url],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "modelport: cannot reach" in done.stderr and "Traceback" not in done.stderr

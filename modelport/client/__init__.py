@@ -12,8 +12,8 @@ calls them directly (``modelport/cluster/discovery.py``: choice of worker, failo
 
 Server errors come back as the ``modelport.errors`` classes (``BadInput``, ``NotFound``,
 ``Overloaded`` with ``retry_after_s``, ``DeadlineExceeded``, ...); a reply that does not arrive in
-``timeout_s`` raises ``ClientTimeout``; no connection at all (nothing listens there) raises
-``ServerUnreachable`` over HTTP. Both transports reconnect by themselves after a server
+``timeout_s`` raises ``ClientTimeout``; no connection over HTTP (nothing listens there, or it went away
+mid-request) raises ``ServerUnreachable``. Both transports reconnect by themselves after a server
 restart (ZeroMQ's DEALER reconnects; the HTTP clients open a new connection).
 """
 

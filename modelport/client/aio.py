@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, credentials, grpc_metadata, zmq_fields, ImageLike, client_span, http_inputs, image_bytes,
+from modelport.client.common import (ClientTimeout, DEFAULT_MODEL, ServerUnreachable, credentials, grpc_metadata, zmq_fields, ImageLike, client_span, http_inputs, image_bytes,
                                      infer_path, metadata_path, parse_url, zmq_inputs, zmq_outputs, zmq_predictions,
                                      zmq_request, zmq_result)
 from modelport import telemetry
@@ -123,8 +123,7 @@ class AsyncClient:
             return await self._grpc_channel().ping()
         if self.kind == "zmq":
             return bool((await self._call({"op": "ping"})).get("ok"))
-        async with self._open_session().get(self._address + "/v2/health/ready") as response:
-            return response.status == 200
+        return (await self._request("GET", "/v2/health/ready"))[0] == 200
 
     def _grpc_channel(self):
         if self._grpc is None:
@@ -194,6 +193,8 @@ class AsyncClient:
         return self._session
 
     async def _request(self, method: str, path: str, **kwargs) -> tuple[int, bytes, Mapping[str, str]]:
+        import aiohttp
+
         session = self._open_session()
         try:
             async with session.request(method, self._address + path, **kwargs) as response:
@@ -201,6 +202,8 @@ class AsyncClient:
                 return response.status, await response.read(), response.headers
         except asyncio.TimeoutError:  # aiohttp's timeouts are asyncio's
             raise ClientTimeout(f"no reply from {self._address} in {self.timeout_s} s") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:  # refused, reset, cut short
+            raise ServerUnreachable(f"cannot reach {self._address}: {exc}") from exc
 
     def _note_load(self, load: Load | None) -> None:
         if load is not None:

@@ -162,15 +162,12 @@ def serves(member: Member, model: str, version: str | int | None) -> bool:
 
 
 def _retryable(exc: BaseException) -> bool:
-    import aiohttp
+    from modelport.client.common import ServerUnreachable
 
-    if isinstance(exc, (WorkerGone, Overloaded)):
+    if isinstance(exc, (WorkerGone, Overloaded, ServerUnreachable)):  # the last: refused, reset, cut short
         return True
-    if isinstance(exc, Unavailable):  # draining or still loading there; not "member directory unreachable"
-        return exc.kind == "unavailable"
-    # refused, reset, closed before the reply (the worker is gone); not a timeout
-    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)) and \
-        not isinstance(exc, asyncio.TimeoutError)
+    # draining or still loading there (not "member directory unreachable"); a timeout is not retried
+    return isinstance(exc, Unavailable) and exc.kind == "unavailable"
 
 
 class Discovery:
