@@ -105,6 +105,14 @@ class DeadlineExceeded(ModelportError):
     kind = "deadline_exceeded"
 
 
+class ServerUnreachable(ModelportError):
+    """A client's: no connection to the server (nothing listens at the address, or it went away
+    mid-request). Client-side discovery fails over on it."""
+
+    status = 503
+    kind = "unreachable"
+
+
 class BundleError(ModelportError):
     """A model bundle on disk is invalid. The message names the file and the problem."""
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from modelport.engine.predictions import Prediction
-from modelport.errors import ModelportError
+from modelport.errors import ModelportError, ServerUnreachable
 from modelport.protocol import wire
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -24,12 +24,6 @@ ImageLike = str | os.PathLike | bytes
 
 class ClientTimeout(ModelportError):
     kind = "timeout"
-
-
-class ServerUnreachable(ModelportError):
-    """No connection to the server: nothing listens at the address, or it went away mid-request."""
-    kind = "unreachable"
-    status = 503
 
 
 def http_request(http, address: str, timeout_s: float, method: str, path: str, **kwargs):

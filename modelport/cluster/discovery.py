@@ -35,7 +35,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from modelport.cluster.etcd import stop
 from modelport.cluster.members import DRAINING, ClusterURL, Directory, Member
-from modelport.errors import ModelportError, NotFound, Overloaded, Unavailable
+from modelport.errors import ModelportError, NotFound, Overloaded, ServerUnreachable, Unavailable
 
 logger = logging.getLogger("modelport.discovery")
 T = TypeVar("T")
@@ -162,8 +162,6 @@ def serves(member: Member, model: str, version: str | int | None) -> bool:
 
 
 def _retryable(exc: BaseException) -> bool:
-    from modelport.client.common import ServerUnreachable
-
     if isinstance(exc, (WorkerGone, Overloaded, ServerUnreachable)):  # the last: refused, reset, cut short
         return True
     # draining or still loading there (not "member directory unreachable"); a timeout is not retried
