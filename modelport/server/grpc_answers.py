@@ -4,6 +4,7 @@ alone for a call that ends before any answer). It works on the connection's HTTP
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import grpc
@@ -79,6 +80,9 @@ class Answers:
 
     def _forget(self, stream: Stream, cancel: bool) -> None:
         self._streams.pop(stream.id, None)
+        if stream.held_bytes:  # read, never taken by its handler: the connection's credit comes back
+            self._conn.acknowledge(stream.held_bytes, stream.id)
+            stream.held_bytes = 0
         for timer in (stream.timer, stream.stall):
             if timer is not None:
                 timer.cancel()
@@ -92,5 +96,10 @@ class Answers:
             self._loop.call_soon(self._close_if_idle)
 
     def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
-        self._conn.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                                + status_trailers(code, details, ()), True)
+        self._answer_once(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                          + status_trailers(code, details, ()))
+
+    def _answer_once(self, stream_id: int, headers: list) -> None:
+        """A whole answer in one HEADERS frame, to a call that never reached a handler."""
+        with contextlib.suppress(StreamGone):  # reset by the client in the same read that opened it
+            self._conn.send_headers(stream_id, headers, True)

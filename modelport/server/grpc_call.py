@@ -67,6 +67,8 @@ class Stream:
     body: bytearray = field(default_factory=bytearray)  # bytes of a message not yet whole
     messages: asyncio.Queue | None = None  # a client stream's whole messages, then None at its end
     held_bytes: int = 0  # flow-control credit not given back yet: messages read but not taken
+    client_done: bool = False  # a stream's client has ended it
+    end_queued: bool = False  # ... and its queue holds the end (None) after its last message
     task: asyncio.Task | None = None
     timer: asyncio.TimerHandle | None = None  # its deadline
     stall: asyncio.TimerHandle | None = None  # waiting on the client: its message, or its window

@@ -67,12 +67,15 @@ class Connection(Answers, asyncio.Protocol):
         if not self._streams:
             self.go_away()
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> None:  # nothing more is read meanwhile (PINGs and SETTINGS would want answers)
         self._stalled = self._loop.call_later(self._server.write_timeout_s, self.abort)
+        self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self._stalled is not None:
             self._stalled.cancel()
+        if self._transport is not None:
+            self._transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
         self._server.connections.discard(self)
@@ -127,10 +130,9 @@ class Connection(Answers, asyncio.Protocol):
         if self._closing and not self._streams:
             self._close(http2.NO_ERROR)
 
-    busy = property(lambda self: bool(self._streams))
-
     def abort(self) -> None:
         if self._transport is not None:
+            self._flush()  # answers finished this turn of the loop go first
             self._transport.abort()
 
     def _close(self, error) -> None:
@@ -158,7 +160,7 @@ class Connection(Answers, asyncio.Protocol):
     def _request(self, stream_id: int, raw_headers, ended: bool) -> None:
         headers, metadata = read_headers(raw_headers)
         if not headers.get("content-type", b"").startswith(b"application/grpc"):  # gRPC's rule: not a call
-            self._conn.send_headers(stream_id, [(b":status", b"415")], True)
+            self._answer_once(stream_id, [(b":status", b"415")])
             return
         if self._closing:  # raced our GOAWAY: the client retries elsewhere
             self._trailers_only(stream_id, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -202,11 +204,11 @@ class Connection(Answers, asyncio.Protocol):
             if len(stream.body) > limit + PREFIX.size:
                 self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, too_large(len(stream.body) - PREFIX.size, limit))
             return
-        taken_before = stream.messages.qsize()
-        self._split(stream)
-        # A message still coming in is taken on credit (the limit bounds it); whole ones are paid
-        # for when the handler takes them, so a client that sends without end waits on its window.
-        if stream.messages.qsize() >= STREAM_BACKLOG and stream.messages.qsize() > taken_before:
+        self._more(stream)
+        # Taken on credit while the handler has fewer than STREAM_BACKLOG messages waiting; beyond,
+        # the bytes wait unparsed and are paid for as it takes messages, so a client that sends
+        # without end waits on its window (and a flood of tiny messages stays bytes, not objects).
+        if stream.messages.qsize() >= STREAM_BACKLOG and self._streams.get(stream_id) is stream:
             stream.held_bytes += credit
         else:
             self._acknowledge(credit, stream_id)
@@ -216,22 +218,33 @@ class Connection(Answers, asyncio.Protocol):
         if stream is None or stream.finished or stream.failed is not None:
             return
         if stream.messages is not None:
-            self._split(stream)
-            if stream.body:
-                self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT, "the stream ended inside a message")
-            stream.messages.put_nowait(None)
+            stream.client_done = True
+            self._more(stream)
             return
         self._split(stream, whole=True)
 
-    def _split(self, stream: Stream, whole: bool = False) -> None:
-        """Whole messages out of ``stream.body``: a stream's into its queue; a unary call's one
-        message (``whole``: the client has finished) starts its handler."""
+    def _more(self, stream: Stream) -> None:
+        """A stream's whole messages into its queue (up to STREAM_BACKLOG); once the client has
+        ended it and all are in, the end."""
+        if self._split(stream) and stream.client_done and not stream.end_queued and stream.failed is None:
+            if stream.body:
+                self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT, "the stream ended inside a message")
+                return
+            stream.end_queued = True
+            stream.messages.put_nowait(None)
+
+    def _split(self, stream: Stream, whole: bool = False) -> bool:
+        """Whole messages out of ``stream.body``: a stream's into its queue, until STREAM_BACKLOG
+        wait there (False then, or on a failure); a unary call's one message (``whole``: the
+        client has finished) starts its handler."""
         body, limit = stream.body, self._server.max_message_bytes
         while len(body) >= PREFIX.size:
+            if stream.messages is not None and stream.messages.qsize() >= STREAM_BACKLOG:
+                return False
             compressed, length = PREFIX.unpack_from(body)
             if length > limit:
                 self._fail(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, too_large(length, limit))
-                return
+                return False
             if len(body) < PREFIX.size + length:
                 break
             data = bytes(body[PREFIX.size:PREFIX.size + length])
@@ -241,19 +254,20 @@ class Connection(Answers, asyncio.Protocol):
                     data = decompressed(data, stream.decompress, limit)
                 except Abort as exc:
                     self._fail(stream, exc.code, exc.details)
-                    return
+                    return False
             if stream.messages is not None:
                 stream.messages.put_nowait((stream.method.parse(data), PREFIX.size + length))
                 continue
             if body or not whole:
                 self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT, "a unary call carries one message")
-                return
+                return False
             stream.task = self._loop.create_task(self._run(stream, _one(stream, stream.method.parse(data))))
             stream.stall.cancel()
-            return
+            return True
         if whole and stream.messages is None:
             self._fail(stream, grpc.StatusCode.INVALID_ARGUMENT,
                        "the call ended inside a message" if body else "a unary call carries one message, got none")
+        return True
 
     def _fail(self, stream: Stream, code: grpc.StatusCode, details: str) -> None:
         """A message that cannot be taken: the call ends with ``code``; the rest of what the client
@@ -312,12 +326,13 @@ class Connection(Answers, asyncio.Protocol):
             item = await stream.messages.get()
             if item is None:
                 return
-            request, size = item
-            if stream.held_bytes and stream.messages.qsize() < STREAM_BACKLOG:  # room again: pay what was held
-                self._acknowledge(stream.held_bytes, stream.id)
-                stream.held_bytes = 0
-                self._flush()
-            yield request
+            if stream.messages.qsize() < STREAM_BACKLOG:  # room again: what waited as bytes, then its credit
+                self._more(stream)
+                if stream.held_bytes and stream.messages.qsize() < STREAM_BACKLOG:
+                    self._acknowledge(stream.held_bytes, stream.id)
+                    stream.held_bytes = 0
+                    self._flush()
+            yield item[0]
 
 
 async def _one(stream: Stream, request) -> AsyncIterator:
