@@ -172,6 +172,30 @@ def test_streams_beyond_the_limit_are_refused_and_an_early_answer_stops_the_clie
     assert [e[1] for e in of(pair.to_server(), http2.REQUEST)] == [7]
 
 
+def test_a_client_that_resets_most_of_what_it_opens_is_told_to_calm_down():
+    """Rapid reset (CVE-2023-44487): opening and at once resetting calls costs the server a call's
+    start each and the client nothing. Cancels are fine; most calls cancelled are not."""
+    def run(cancel_every: int) -> int:
+        pair = Pair(max_streams=100)
+        for n in range(2 * http2.RAPID_RESETS):
+            stream_id = 2 * n + 1
+            pair.client.send_headers(stream_id, CALL, end_stream=True)
+            if n % cancel_every == 0:
+                pair.client.reset_stream(stream_id)
+            try:
+                pair.to_server()
+            except http2.Broken as broken:
+                assert broken.code == http2.ENHANCE_YOUR_CALM
+                return n
+            if n % cancel_every:  # answered
+                pair.server.send_headers(stream_id, [(b":status", b"200"), (b"grpc-status", b"0")], end=True)
+                pair.to_client()
+        return -1
+
+    assert run(cancel_every=3) == -1  # a third of the calls cancelled: served to the end
+    assert http2.RAPID_RESETS <= run(cancel_every=1) <= http2.RAPID_RESETS + 1  # every one: cut off
+
+
 def test_data_after_the_end_of_a_stream_resets_it():
     pair = Pair()
     pair.client.send_headers(1, CALL, end_stream=True)

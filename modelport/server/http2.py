@@ -3,15 +3,12 @@
 CONTINUATION and padding, and nothing gRPC-specific. Header blocks are HPACK-coded by ``hpack``
 (python-hyper's, as ``h2`` uses it); only the framing around them is ours.
 
-Why not ``h2``'s state machine: it cost ~120 us a call in pure Python, the gRPC server 1.3-1.5 x
-HTTP/1.1's round trip on the same handler (docs/decisions.md). This does the same for a server of
-gRPC calls in a fraction: frames parsed with one struct, header blocks we send never touch HPACK's
-dynamic table (static matches, else literals never indexed), so they are cached by value, and a
-client's block that leaves the decoder's table as it was (all indexed: the same call again) is
-decoded once.
-
-A peer that breaks the protocol raises ``Broken`` (the connection ends with GOAWAY and its code);
-a stream that breaks it is reset and reported as ``RESET``, the connection goes on.
+Not ``h2``'s state machine: ~120 us a call in pure Python, 1.3-1.5 x HTTP/1.1's round trip
+(docs/decisions.md). Blocks we send use no HPACK dynamic table (static matches, else literals never
+indexed): cached by value. A client's block that leaves the decoder's table as it was is decoded once.
+A peer that breaks the protocol raises ``Broken`` (the connection ends with GOAWAY and its code),
+as does one that resets most of what it opens ("rapid reset", CVE-2023-44487); a stream that
+breaks it is reset and reported as ``RESET``, the connection goes on.
 """
 
 from __future__ import annotations
@@ -26,18 +23,16 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, \
-    COMPRESSION_ERROR = 0x0, 0x1, 0x3, 0x5, 0x6, 0x7, 0x8, 0x9
-# Settings' identifiers
+    COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x3, 0x5, 0x6, 0x7, 0x8, 0x9, 0xb
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = range(1, 7)
 # Events ``receive`` returns, as tuples: (REQUEST, stream, headers, ended) - a call's headers, raw
 # (name, value) bytes; (BODY, stream, data, credit) - ``credit`` goes back with ``acknowledge``
 # once the data is taken; (ENDED, stream); (WINDOW, stream or 0 for all); (RESET, stream) - by the
 # client, or by us for a broken stream; (TERMINATED, error code) - the client's GOAWAY.
 REQUEST, BODY, ENDED, WINDOW, RESET, TERMINATED = range(6)
-
-DEFAULT_WINDOW = 65535
-MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW, MAX_WINDOW = 65535, 2**31 - 1
 FRAME_BYTES = 16384  # the largest frame we take (the default; we do not raise it)
+RAPID_RESETS = 1000  # calls a client may reset before what it resets must stay under half of what it opens
 _HEAD = struct.Struct(">HBBBL")  # length (16 + 8 bits), type, flags, stream (reserved bit included)
 _SETTING = struct.Struct(">HL")
 _ENCODER = hpack.Encoder()  # only ever given never-indexed headers: its dynamic table stays empty
@@ -111,6 +106,7 @@ class ServerConnection:
         self._send_window = DEFAULT_WINDOW  # what we may still send on the connection
         self._receive_window = connection_window
         self._owed = 0
+        self._resets = 0  # streams the client reset while open
         self._table_size = 4096  # the client's HPACK table for what we send (its SETTINGS_HEADER_TABLE_SIZE)
         self._size_update = b""  # to start our next header block: the client shrank that table
 
@@ -183,6 +179,9 @@ class ServerConnection:
             self._check(len(payload) == 4, "RST_STREAM of the wrong size", FRAME_SIZE_ERROR)
             if self._streams.pop(stream_id, None) is not None:
                 events.append((RESET, stream_id))
+                self._resets += 1  # a client may cancel calls, not most of them: each costs us a call's start
+                self._check(self._resets <= RAPID_RESETS or self._resets * 4 <= self.highest_stream,
+                            "most calls reset as soon as opened", ENHANCE_YOUR_CALM)
         elif kind == PING:
             self._check(stream_id == 0, "PING on a stream")
             self._check(len(payload) == 8, "PING of the wrong size", FRAME_SIZE_ERROR)
