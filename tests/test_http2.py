@@ -203,6 +203,13 @@ def test_data_after_the_end_of_a_stream_resets_it():
     events = pair.server.receive(http2.frame(http2.DATA, 0, 1, b"more"))
     assert events == [(http2.RESET, 1)]
     assert pair.server.data_to_send() == http2.frame(http2.RST_STREAM, 0, 1, struct.pack(">L", http2.STREAM_CLOSED))
+    # trailers that do not end their stream, or come after its end: that stream is reset, the connection goes on
+    for stream_id, first_flags, second_flags, code in ((3, 0, http2.END_HEADERS, http2.PROTOCOL_ERROR),
+                                                       (5, http2.END_STREAM, http2.END_STREAM, http2.STREAM_CLOSED)):
+        pair.server.receive(http2.frame(http2.HEADERS, http2.END_HEADERS | first_flags, stream_id, b"\x83\x86"))
+        trailers = http2.frame(http2.HEADERS, http2.END_HEADERS | second_flags, stream_id, b"\x83\x86")
+        assert pair.server.receive(trailers) == [(http2.RESET, stream_id)]
+        assert pair.server.data_to_send() == http2.frame(http2.RST_STREAM, 0, stream_id, struct.pack(">L", code))
 
 
 @pytest.mark.parametrize("data, code", [

@@ -243,9 +243,10 @@ class ServerConnection:
     def _header_block(self, stream_id: int, ended: bool, block: bytes, events: list) -> None:
         headers = self._decode(block)  # always: the decoder's table must follow the client's
         stream = self._streams.get(stream_id)
-        if stream is not None:  # trailers: they end the stream
-            self._check(ended, "trailers without END_STREAM")
-            if stream.open_remote:
+        if stream is not None:  # trailers: they end the stream (a stream error otherwise, RFC 9113 8.1)
+            if not ended or not stream.open_remote:
+                self._reset(stream_id, PROTOCOL_ERROR if not ended else STREAM_CLOSED, events)
+            else:
                 self._end_remote(stream_id, stream, events)
             return
         if stream_id <= self.highest_stream:  # a stream that is over (reset by us, or ended)
