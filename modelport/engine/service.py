@@ -107,7 +107,6 @@ class ModelService(Classifies):
 
     # -- requests -------------------------------------------------------------------------------
 
-
     def top_k(self, outputs: dict[str, np.ndarray], k: int | None) -> list[list[Prediction]]:
         probabilities = self.model.probabilities(outputs[self.model.output.name])
         return self.model.top_k(probabilities, k or self.serving.top_k)

@@ -123,7 +123,6 @@ class OnDemand(Classifies):
 
     # -- requests -----------------------------------------------------------------------------------
 
-
     async def infer_images(self, images: Sequence[bytes], *, deadline: float | None, timing: Timing,
                            input_name: str | None = None) -> dict[str, np.ndarray]:
         if not images:  # what can be refused without the model is refused before loading it

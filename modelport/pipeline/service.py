@@ -166,7 +166,6 @@ class PipelineService(Classifies):
 
     # -- requests -------------------------------------------------------------------------------
 
-
     async def infer_images(self, images: Sequence[bytes], *, deadline: float | None, timing: Timing,
                            input_name: str | None = None) -> dict[str, np.ndarray]:
         if not images:

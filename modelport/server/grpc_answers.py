@@ -17,6 +17,7 @@ SEND_AHEAD_BYTES = 1024 * 1024  # answers of one stream waiting on the client's 
 IDLE_S = 300.0  # a connection with no call for this long is closed (the client reconnects on its next)
 _RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc"),
                      (b"grpc-accept-encoding", b"identity,deflate,gzip")]
+_TRAILERS_ONLY = [(b":status", b"200"), (b"content-type", b"application/grpc")]  # a call ended before any answer
 
 
 class Answers:
@@ -48,7 +49,7 @@ class Answers:
         trailers = status_trailers(code, details, metadata)
         if not stream.started:  # trailers only: one HEADERS frame
             stream.started = stream.finished = True
-            self._headers(stream, [(b":status", b"200"), (b"content-type", b"application/grpc")] + trailers, end=True)
+            self._headers(stream, _TRAILERS_ONLY + trailers, end=True)
             self._forget(stream, cancel=False)
             return
         stream.trailers = trailers
@@ -96,8 +97,7 @@ class Answers:
             self._loop.call_soon(self._close_if_idle)
 
     def _trailers_only(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
-        self._answer_once(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                          + status_trailers(code, details, ()))
+        self._answer_once(stream_id, _TRAILERS_ONLY + status_trailers(code, details, ()))
 
     def _answer_once(self, stream_id: int, headers: list) -> None:
         """A whole answer in one HEADERS frame, to a call that never reached a handler."""
